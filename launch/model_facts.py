@@ -1,0 +1,120 @@
+"""Exact parameter counts from a model config, built on the meta device (no weights are read or downloaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launch.errors import TuneLaunchError
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the memory model needs to know about a model. Counts are exact, tied weights counted once."""
+
+    num_params: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tied_embeddings: bool
+    layer_params: int  # parameters of one transformer block (the FSDP / ZeRO-3 gather unit)
+    layer_linear_params: int  # nn.Linear weights inside the blocks (what QLoRA quantizes)
+    lora_params: int = 0  # trainable adapter parameters for the YAML's LoRA settings (0 without LoRA)
+    model_type: str = "unknown"
+
+    @property
+    def kv_size(self) -> int:
+        return self.hidden_size * self.num_kv_heads // max(self.num_heads, 1)
+
+
+def load_hf_config(model: Any) -> Any:
+    """The transformers config for a `training.config.ModelConfig` (inline dict, config.json, folder or hub name)."""
+    from transformers import AutoConfig
+
+    try:
+        if model.config is not None:
+            data = dict(model.config)
+            model_type = data.pop("model_type", None)
+            if model_type is None:
+                raise TuneLaunchError("model.config: needs a model_type such as 'llama' to build from scratch")
+            return AutoConfig.for_model(model_type, **data)
+        target = model.config_path or model.name_or_path
+        path = Path(target).expanduser()
+        if path.is_file():
+            return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=model.trust_remote_code) if path.name == "config.json" \
+                else _config_from_json(path)
+        return AutoConfig.from_pretrained(target, trust_remote_code=model.trust_remote_code)
+    except TuneLaunchError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        where = "model.config" if model.config is not None else ("model.config_path" if model.config_path else "model.name_or_path")
+        raise TuneLaunchError(f"{where}: cannot load a model config from '{model.config_path or model.name_or_path or 'inline'}' ({first[:200]})") from None
+
+
+def _config_from_json(path: Path) -> Any:
+    import json
+
+    from transformers import AutoConfig
+
+    data = json.loads(path.read_text())
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _lora_targets(model: Any, target_modules: Any) -> list[tuple[int, int]]:
+    import torch
+
+    shapes = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if target_modules == "all-linear" or leaf in target_modules:
+            shapes.append((module.in_features, module.out_features))
+    return shapes
+
+
+def model_facts(model_cfg: Any) -> ModelFacts:
+    """Build the model on the meta device and count exactly. `model_cfg` is a training `ModelConfig`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = load_hf_config(model_cfg)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(hf, trust_remote_code=model_cfg.trust_remote_code)
+        except ValueError as e:
+            raise TuneLaunchError(f"model: {hf.model_type} is not a causal language model ({str(e).splitlines()[0][:160]})") from None
+    num_params = sum(p.numel() for p in model.parameters())  # parameters() yields shared (tied) tensors once
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    blocks = _transformer_blocks(model)
+    layer_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=num_params)
+    layer_linear = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+    lora_params = 0
+    if model_cfg.lora is not None:
+        lora_params = sum(model_cfg.lora.r * (i + o) for i, o in _lora_targets(model, model_cfg.lora.target_modules))
+    heads = getattr(text, "num_attention_heads", 1)
+    return ModelFacts(
+        num_params=num_params,
+        hidden_size=text.hidden_size,
+        intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size) or 4 * text.hidden_size,
+        num_layers=len(blocks) or getattr(text, "num_hidden_layers", 1),
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        vocab_size=text.vocab_size,
+        tied_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        layer_params=layer_params,
+        layer_linear_params=layer_linear,
+        lora_params=lora_params,
+        model_type=hf.model_type,
+    )
+
+
+def _transformer_blocks(model: Any) -> list[Any]:
+    """The repeated decoder blocks (classes named in `_no_split_modules`), in order."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
