@@ -1,0 +1,181 @@
+"""`tune-launch`: subcommands are thin adapters over library functions; every TuneLaunchError is one line, exit 2.
+
+    tune-launch [--profile P] [--gpus N] [--dry-run] train.yaml [key.sub=value ...]   launch (default)
+    tune-launch plan train.yaml [--gpus N] [--nodes N] [--hardware F] [--json]       memory plan per profile
+    tune-launch detect [--json]                                                       this machine
+    tune-launch profiles                                                              shipped profiles
+    tune-launch submit train.yaml --nodes N ...                                       SLURM via submitit
+    tune-launch consolidate CHECKPOINT OUT ...                                        shards -> safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from launch.errors import TuneLaunchError
+
+SUBCOMMANDS = ("detect", "profiles", "plan", "submit", "consolidate", "run")
+EXTERNAL = {"submit": "launch.submit", "consolidate": "launch.consolidate"}
+
+
+def add_launch_arguments(p: argparse.ArgumentParser, *, planning: bool = False) -> None:
+    p.add_argument("config", help="training YAML (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override YAML values, e.g. optim.learning_rate=1e-4")
+    p.add_argument("--profile", default="auto", help="auto (default: fastest that fits), or one of `tune-launch profiles`")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: all detected)")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes (default: 1, or the SLURM allocation)")
+    p.add_argument("--hardware", type=Path, default=None, help="plan for this hardware JSON instead of detecting")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    if planning:
+        p.add_argument("--json", action="store_true", help="machine-readable plan")
+        return
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: 0, or SLURM_NODEID)")
+    p.add_argument("--main-process-ip", default=None, help="address of node 0 (multi-node)")
+    p.add_argument("--main-process-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU processes (gloo): development and rehearsals")
+    p.add_argument("--num-processes", type=int, default=None, help="with --cpu: processes to start (rehearse a profile with 2)")
+    p.add_argument("--strict", action="store_true", help="refuse to fall back when fewer GPUs are here than asked")
+    p.add_argument("--dry-run", action="store_true", help="print the command and environment for every node, run nothing")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    prog = "tune-launch" if command == "run" else f"tune-launch {command}"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__ if command == "run" else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command == "run":
+        add_launch_arguments(p)
+    elif command == "plan":
+        add_launch_arguments(p, planning=True)
+    elif command == "detect":
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--output-dir", default=".", help="where checkpoints go (free disk is measured there)")
+        p.add_argument("--debug", action="store_true")
+    elif command == "profiles":
+        p.add_argument("--debug", action="store_true")
+    else:
+        importlib.import_module(EXTERNAL[command]).add_arguments(p)
+        if not any(a.dest == "debug" for a in p._actions):
+            p.add_argument("--debug", action="store_true")
+    return p
+
+
+# --------------------------------------------------------------------------- inputs (the only side-effect readers)
+
+def _hardware(args: argparse.Namespace, env: Mapping[str, str], output_dir: str = "."):
+    from launch.hardware import detect_hardware, load_hardware
+
+    if args.hardware is not None:
+        return load_hardware(args.hardware)
+    return detect_hardware(output_dir, env)
+
+
+def _request(args: argparse.Namespace, planning: bool):
+    from launch.plan import LaunchRequest
+
+    for flag in ("gpus", "nodes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise TuneLaunchError(f"--{flag} {value}: must be at least 1" + (" (use --cpu to run without a GPU)" if flag == "gpus" else ""))
+    if not planning and args.num_processes is not None and not args.cpu:
+        raise TuneLaunchError("--num-processes goes with --cpu; on GPUs use --gpus")
+    return LaunchRequest(
+        config_path=Path(args.config), overrides=tuple(args.overrides), profile=args.profile, gpus=args.gpus,
+        nodes=args.nodes, node_rank=getattr(args, "node_rank", None), main_process_ip=getattr(args, "main_process_ip", None),
+        main_process_port=getattr(args, "main_process_port", None), cpu=getattr(args, "cpu", False),
+        num_processes=getattr(args, "num_processes", None), strict=getattr(args, "strict", False),
+        hardware_given=args.hardware is not None,
+    )
+
+
+def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool):
+    from launch.plan import make_plan
+    from launch.profiles import get_profile
+    from training.config import load_config
+
+    if args.profile != "auto":
+        get_profile(args.profile)  # unknown names fail before anything slow
+    request = _request(args, planning)
+    cfg = load_config(request.config_path, list(request.overrides))
+    hw = _hardware(args, env, cfg.output_dir)
+    if planning and not hw.has_gpu:
+        if args.hardware is not None:
+            raise TuneLaunchError(f"--hardware {args.hardware}: describes no GPU (gpus_per_node 0); nothing to plan per GPU")
+        request = replace(request, cpu=True)  # plan what would run here; --hardware plans for a GPU machine
+    needs_facts = planning or (not request.cpu and hw.has_gpu)
+    facts = None
+    if needs_facts:
+        from launch.model_facts import model_facts
+        facts = model_facts(cfg.model)
+    return make_plan(request, cfg, hw, facts), facts, hw
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def cmd_detect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from launch.hardware import describe, detect_hardware, detect_json
+
+    hw = detect_hardware(args.output_dir, env)
+    print(json.dumps(detect_json(hw), indent=2, sort_keys=True) if args.json else describe(hw))
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from launch.profiles import describe_profiles
+
+    print(describe_profiles())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from launch.report import plan_json, plan_table
+
+    plan, facts, hw = _make_plan(args, env, planning=True)
+    print(json.dumps(plan_json(plan, facts, hw), indent=2, sort_keys=True) if args.json else plan_table(plan, facts, hw))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from launch.run import execute, format_dry_run, with_port
+
+    plan, _, _ = _make_plan(args, env, planning=False)
+    plan = with_port(plan)
+    if args.dry_run:
+        print(format_dry_run(plan, env))
+        return 0
+    return execute(plan, env)
+
+
+def dispatch(argv: list[str], env: Mapping[str, str]) -> int:
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
+    rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
+    args = build_parser(command).parse_args(rest)
+    try:
+        if command in EXTERNAL:
+            return importlib.import_module(EXTERNAL[command]).run_from_args(args)
+        handler = {"detect": cmd_detect, "profiles": cmd_profiles, "plan": cmd_plan, "run": cmd_run}[command]
+        return handler(args, env)
+    except TuneLaunchError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"tune-launch: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(argv, os.environ)
+    except KeyboardInterrupt:
+        print("tune-launch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
