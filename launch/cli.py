@@ -90,7 +90,7 @@ def _request(args: argparse.Namespace, planning: bool):
         nodes=args.nodes, node_rank=getattr(args, "node_rank", None), main_process_ip=getattr(args, "main_process_ip", None),
         main_process_port=getattr(args, "main_process_port", None), cpu=getattr(args, "cpu", False),
         num_processes=getattr(args, "num_processes", None), strict=getattr(args, "strict", False),
-        hardware_given=args.hardware is not None,
+        hardware_given=args.hardware is not None, planning=planning,
     )
 
 

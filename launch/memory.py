@@ -50,7 +50,7 @@ class MemoryEstimate:
     activations: float
     logits: float
     overhead: float
-    cpu_ram: float  # bytes per node: offloaded states + one process base per GPU + model loading
+    cpu_ram: float  # bytes per node: offloaded states (or FSDP's rank-0 load) + one process base per GPU
 
     @property
     def model_states(self) -> float:
@@ -147,7 +147,9 @@ def estimate_memory(profile: Profile, facts: ModelFacts, world_size: int, gpus_p
     activations = tokens * activation_bytes_per_token(facts, workload.gradient_checkpointing, workload.precision)
     logits = tokens * logits_bytes_per_token(facts, workload)
 
-    load_bytes = psi * compute_bytes * (1 if profile.shards_params else gpus_per_node)
+    # transformers loads safetensors lazily (mmap, shard by shard) straight to each rank's device; only FSDP's
+    # cpu_ram_efficient_loading materialises the full state dict once, on local rank 0, before broadcasting it.
+    load_bytes = psi * compute_bytes if profile.strategy == "fsdp" else 0.0
     cpu_ram = max(cpu_states * gpus_per_node, load_bytes) + CPU_BASE_BYTES_PER_PROCESS * max(gpus_per_node, 1)
 
     return MemoryEstimate(

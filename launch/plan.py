@@ -36,6 +36,7 @@ class LaunchRequest:
     num_processes: int | None = None  # with cpu: processes on this machine
     strict: bool = False
     hardware_given: bool = False  # --hardware: plan for that machine, never fall back
+    planning: bool = False  # `tune-launch plan`: rendezvous details are not needed
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def make_plan(request: LaunchRequest, cfg, hw: Hardware, facts: ModelFacts | Non
     if port is None and hw.slurm is not None and nodes > 1:
         from launch.slurm import port_from_job_id
         port = port_from_job_id(hw.slurm.job_id)
-    if nodes > 1 and port is None:
+    if nodes > 1 and port is None and not request.planning:
         raise TuneLaunchError("--main-process-port: a multi-node launch needs the same port on every node (or run inside SLURM)")
     return LaunchPlan(
         profile=profile, device=placement.device, nodes=nodes, processes_per_node=placement.gpus_per_node,
@@ -225,7 +226,7 @@ def _rendezvous(request: LaunchRequest, placement: Placement, hw: Hardware) -> t
         from launch.slurm import expand_nodelist
         ip = expand_nodelist(hw.slurm.nodelist)[0]
     if ip is None:
-        if nodes > 1:
+        if nodes > 1 and not request.planning:
             raise TuneLaunchError("--main-process-ip: a multi-node launch needs the address of node 0 (or run inside SLURM)")
         ip = "127.0.0.1"
     return nodes, node_rank, ip
