@@ -1,0 +1,403 @@
+"""Preflight: combinations that cannot work, caught before any process starts.
+
+Each check is a pure function of the typed training config, the `LaunchPlan`, the `Hardware` and a
+`Probes` record (what `gather_probes` measured: port, output folder, data size), and returns at most
+one `Finding` with a one-line explanation and the fix. `gather_probes` is the only code here that
+touches the machine, so every check is testable with injected facts.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from launch.errors import TuneLaunchError
+
+GIB = 1024**3
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout default: what waiting ranks allow
+TOKENIZE_BYTES_PER_S = 4 * 1024**2  # measured order of magnitude for a fast tokenizer + packing, per process
+SHARED_FS_ENV = "TUNE_LAUNCH_SHARED_FS"  # "1": trust that output_dir is shared even if its type looks local
+LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "vfat",
+                            "exfat", "ramfs", "devtmpfs", "squashfs"})
+Severity = Literal["error", "warning"]
+
+
+class PreflightError(TuneLaunchError):
+    """At least one preflight check failed: the launch would waste the allocation."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: which check, how bad, what is wrong (one line) and what to do (one line)."""
+
+    check: str
+    severity: Severity
+    message: str
+    fix: str
+
+    def line(self) -> str:
+        return f"preflight {self.check}: {self.message}; fix: {self.fix}"
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Facts about the machine the checks need; None means 'not measured' and the check is skipped."""
+
+    port_in_use: bool | None = None
+    output_writable: bool | None = None
+    output_probe_path: str | None = None  # the folder actually tested (nearest existing ancestor)
+    output_fs_type: str | None = None
+    data_bytes: int | None = None  # local training data on disk (hub datasets unknown)
+    accelerate_config: Mapping[str, Any] = field(default_factory=dict)
+    deepspeed_config: Mapping[str, Any] = field(default_factory=dict)
+    num_params: int | None = None
+    trainable_params: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers (pure)
+
+def _override(plan: Any, key: str) -> str | None:
+    """The value the launcher appends for `key` (e.g. train.gradient_checkpointing=true), if any."""
+    for text in getattr(plan, "overrides", ()) or ():
+        k, sep, v = text.partition("=")
+        if sep and k.strip() == key:
+            return v.strip()
+    return None
+
+
+def uses_checkpointing(cfg: Any, plan: Any) -> bool:
+    """Gradient checkpointing after `auto` is resolved by the plan's appended override."""
+    resolved = _override(plan, "train.gradient_checkpointing")
+    if resolved is not None:
+        return resolved.lower() in ("true", "1", "yes", "on")
+    return cfg.train.gradient_checkpointing is True
+
+
+def micro_batch(cfg: Any, plan: Any) -> int | None:
+    resolved = _override(plan, "train.micro_batch_size")
+    if resolved is not None and resolved.isdigit():
+        return int(resolved)
+    if getattr(plan, "micro_batch_size", None):
+        return plan.micro_batch_size
+    mb = cfg.train.micro_batch_size
+    return mb if isinstance(mb, int) else None
+
+
+def reentrant(cfg: Any) -> bool:
+    """Reentrant activation checkpointing was asked for (transformers 5 defaults to non-reentrant)."""
+    kwargs = getattr(cfg.train, "gradient_checkpointing_kwargs", None) or {}
+    return bool(kwargs.get("use_reentrant", False)) or bool(getattr(cfg.train, "reentrant_checkpointing", False))
+
+
+def collective_timeout_s(cfg: Any) -> int:
+    return int(getattr(cfg.train, "ddp_timeout", None) or DEFAULT_COLLECTIVE_TIMEOUT_S)
+
+
+def _precision_dtype(cfg: Any, plan: Any) -> str | None:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "fp32" if plan.device == "cpu" else "bf16"
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(p)
+
+
+def checkpoint_bytes(cfg: Any, plan: Any, probes: Probes) -> float | None:
+    """Bytes one checkpoint takes: weights in the save dtype plus fp32 optimizer state (and master weights)."""
+    if probes.num_params is None:
+        return None
+    dtype = _precision_dtype(cfg, plan)
+    weight = 4 if dtype == "float32" else 2
+    if cfg.model.lora is not None:
+        trainable = probes.trainable_params or 0
+        return trainable * (4 + 8) + 64 * 1024**2  # adapters + Adam, plus tokenizer/config/rng slack
+    master = 4 if plan.profile.strategy == "deepspeed" and weight == 2 else 0
+    extra_model = weight if plan.profile.zero_stage == 3 else 0  # ZeRO-3 also writes the gathered 16-bit model
+    return probes.num_params * (weight + master + 8 + extra_model)
+
+
+# --------------------------------------------------------------------------- the checks
+
+def check_qlora_fsdp(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    q = cfg.model.quantization
+    if q is None or plan.profile.strategy != "fsdp":
+        return None
+    if q.quant_storage != q.compute_dtype:
+        return Finding("qlora-fsdp", "error",
+                       f"QLoRA with {plan.profile.name} shards the 4-bit weights only when "
+                       f"model.quantization.quant_storage ({q.quant_storage}) matches compute_dtype ({q.compute_dtype}); "
+                       "uint8 storage is left unsharded on every GPU or breaks the flat parameters",
+                       f"set model.quantization.quant_storage: {q.compute_dtype}")
+    return None
+
+
+def check_qlora_zero3(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    q = cfg.model.quantization
+    if q is None or plan.profile.zero_stage != 3:
+        return None
+    if q.quant_storage != q.compute_dtype:
+        return Finding("qlora-zero3", "error",
+                       f"QLoRA with ZeRO-3 ({plan.profile.name}) partitions the 4-bit weights as "
+                       f"{q.quant_storage}, which DeepSpeed cannot gather next to {q.compute_dtype} parameters",
+                       f"set model.quantization.quant_storage: {q.compute_dtype}")
+    ds = probes.accelerate_config.get("deepspeed_config") or {}
+    if isinstance(ds, Mapping) and ds.get("zero3_init_flag") is False:
+        return Finding("qlora-zero3", "error",
+                       f"QLoRA with ZeRO-3 needs zero3_init_flag: true so the quantized model is loaded partitioned "
+                       f"(accelerate config {plan.profile.accelerate_config} has false)",
+                       "set deepspeed_config.zero3_init_flag: true in the accelerate config or use the shipped profile")
+    dtype = _precision_dtype(cfg, plan)
+    if dtype is not None and dtype != q.compute_dtype:
+        return Finding("qlora-zero3", "error",
+                       f"QLoRA with ZeRO-3 runs DeepSpeed in {dtype} (train.precision) but the 4-bit weights "
+                       f"compute in {q.compute_dtype}; ZeRO-3 needs one dtype for all partitioned parameters",
+                       f"set train.precision to match model.quantization.compute_dtype ({q.compute_dtype})")
+    return None
+
+
+def check_checkpointing(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    if not uses_checkpointing(cfg, plan):
+        return None
+    if plan.profile.zero_stage == 3 and reentrant(cfg):
+        return Finding("checkpointing-zero3", "error",
+                       "gradient checkpointing with ZeRO-3 and reentrant checkpointing re-gathers partitioned "
+                       "parameters outside DeepSpeed's hooks (wrong or missing gradients, 'already reduced' errors)",
+                       "set train.gradient_checkpointing_kwargs: {use_reentrant: false}")
+    ds_ac = probes.deepspeed_config.get("activation_checkpointing") if probes.deepspeed_config else None
+    if plan.profile.zero_stage == 3 and isinstance(ds_ac, Mapping) and ds_ac:
+        return Finding("checkpointing-zero3", "error",
+                       "gradient checkpointing is on both in the training YAML and in the DeepSpeed JSON's "
+                       "activation_checkpointing (reentrant deepspeed.checkpointing): layers are checkpointed twice",
+                       "remove activation_checkpointing from the DeepSpeed JSON and keep train.gradient_checkpointing")
+    fsdp = probes.accelerate_config.get("fsdp_config") or {}
+    if plan.profile.strategy == "fsdp" and isinstance(fsdp, Mapping) and fsdp.get("fsdp_activation_checkpointing"):
+        return Finding("checkpointing-fsdp", "error",
+                       "gradient checkpointing is on both in the training YAML and in the FSDP config "
+                       "(fsdp_activation_checkpointing); transformers refuses the pair at start-up",
+                       "set train.gradient_checkpointing: false or fsdp_activation_checkpointing: false")
+    return None
+
+
+def check_global_batch(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    target = getattr(cfg.train, "global_batch_size", None)
+    if not target:
+        return None
+    accum = cfg.train.gradient_accumulation_steps
+    world = plan.world_size
+    unit = world * accum
+    if target % unit:
+        lower, upper = (target // unit) * unit, (target // unit + 1) * unit
+        options = " or ".join(str(v) for v in (lower, upper) if v > 0)
+        return Finding("global-batch", "error",
+                       f"train.global_batch_size {target} is not divisible by processes x accumulation "
+                       f"({world} x {accum} = {unit}): no whole micro batch per process gives it",
+                       f"set train.global_batch_size to a multiple of {unit} ({options}) or change "
+                       "train.gradient_accumulation_steps / the number of processes")
+    mb = micro_batch(cfg, plan)
+    if mb is not None and mb * unit != target and isinstance(cfg.train.micro_batch_size, int):
+        return Finding("global-batch", "error",
+                       f"train.global_batch_size {target} != micro batch {mb} x processes {world} x accumulation {accum} "
+                       f"= {mb * unit}",
+                       f"set train.micro_batch_size: {target // unit} (or auto), or change train.global_batch_size")
+    return None
+
+
+def check_port(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    if plan.world_size < 2 or plan.main_process_port in (None, 0) or plan.node_rank != 0 or not probes.port_in_use:
+        return None
+    return Finding("port", "error",
+                   f"--main-process-port {plan.main_process_port} is already in use on this node; accelerate would "
+                   "silently switch to a random port that the other nodes never find",
+                   "pick a free --main-process-port (or leave it out on one node to get a free one)")
+
+
+def check_output_dir(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    if probes.output_writable is False:
+        return Finding("output-dir", "error",
+                       f"output_dir {cfg.output_dir}: cannot write in {probes.output_probe_path or cfg.output_dir}; "
+                       "the first checkpoint would fail after the whole warm-up",
+                       "point output_dir at a writable folder (output_dir=... override) or fix its permissions")
+    fs = (probes.output_fs_type or "").lower()
+    if plan.nodes > 1 and fs in LOCAL_FS_TYPES and probes.env.get(SHARED_FS_ENV) != "1":
+        return Finding("output-dir", "error",
+                       f"output_dir {cfg.output_dir} is on a local {fs} filesystem but {plan.nodes} nodes write "
+                       "checkpoint shards into it: each node would hold a different part and resume would fail",
+                       f"put output_dir on a shared filesystem (NFS, Lustre, GPFS, ...), or set {SHARED_FS_ENV}=1 if it is shared")
+    return None
+
+
+def check_disk(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    need = checkpoint_bytes(cfg, plan, probes)
+    free = getattr(hw, "disk_free_gib", None)
+    if need is None or free is None:
+        return None
+    if free * GIB < need * 1.1:
+        return Finding("disk", "error",
+                       f"{free:.1f} GiB free where output_dir goes, one checkpoint needs about {need / GIB:.1f} GiB; "
+                       "the first save would fail",
+                       "free disk space or point output_dir at a larger filesystem")
+    keep = cfg.checkpoint.save_total_limit or 0
+    if keep and free * GIB < need * (keep + 1):
+        return Finding("disk", "warning",
+                       f"{free:.1f} GiB free, {keep} kept checkpoints plus the one being written need about "
+                       f"{need * (keep + 1) / GIB:.1f} GiB",
+                       "lower checkpoint.save_total_limit or free disk space")
+    return None
+
+
+def check_data_prep(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+    if plan.world_size < 2 or probes.data_bytes is None:
+        return None
+    procs = cfg.data.num_proc or 1
+    seconds = probes.data_bytes / (TOKENIZE_BYTES_PER_S * procs)
+    timeout = collective_timeout_s(cfg)
+    if seconds <= 0.8 * timeout:
+        return None
+    wanted = int(seconds * 2 // 600 + 1) * 600
+    return Finding("data-prep", "error",
+                   f"tokenizing {probes.data_bytes / GIB:.1f} GiB of data takes about {seconds / 60:.0f} min on the main "
+                   f"process while the other ranks wait in a collective that times out after {timeout / 60:.0f} min",
+                   f"tokenize on the main process first (data.num_proc: more workers) and raise train.ddp_timeout "
+                   f"to at least {wanted} for that phase, or pre-tokenize the data once before launching")
+
+
+CHECKS: tuple[Callable[[Any, Any, Any, Probes], Finding | None], ...] = (
+    check_qlora_fsdp, check_qlora_zero3, check_checkpointing, check_global_batch, check_port,
+    check_output_dir, check_disk, check_data_prep,
+)
+
+
+def evaluate(cfg: Any, plan: Any, hw: Any, probes: Probes) -> list[Finding]:
+    """Every check on injected facts; errors first."""
+    found = [f for check in CHECKS if (f := check(cfg, plan, hw, probes)) is not None]
+    return sorted(found, key=lambda f: f.severity != "error")
+
+
+# --------------------------------------------------------------------------- probing (the only side effects)
+
+def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def nearest_existing(path: Path) -> Path:
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def writable(folder: Path) -> bool:
+    """Really create a file there: os.access lies on read-only mounts and for root."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tune-launch-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def filesystem_type(path: Path, mounts_text: str | None = None) -> str | None:
+    """Type of the filesystem holding `path`, from the longest matching mount point in /proc/mounts."""
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    best, kind = "", None
+    target = str(path)
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/") or mount == "/") and len(mount) >= len(best):
+            best, kind = mount, parts[2]
+    return kind
+
+
+def local_data_bytes(cfg: Any) -> int | None:
+    sources = [*(cfg.data.train or []), *(cfg.data.eval or [])]
+    if not sources or any(s.path is None for s in sources):
+        return None
+    total = 0
+    for s in sources:
+        p = Path(s.path)
+        try:
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        except OSError:
+            return None
+    return total
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    import json
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def gather_probes(cfg: Any, plan: Any, env: Mapping[str, str], facts: Any = None) -> Probes:
+    """Measure what the checks need on this node (port, output folder, data size, shipped configs)."""
+    out = nearest_existing(Path(cfg.output_dir))
+    port = plan.main_process_port
+    busy = port_in_use(port) if port and plan.world_size > 1 and plan.node_rank == 0 else None
+    return Probes(
+        port_in_use=busy,
+        output_writable=writable(out) if out.is_dir() else False,
+        output_probe_path=str(out),
+        output_fs_type=filesystem_type(out),
+        data_bytes=local_data_bytes(cfg),
+        accelerate_config=_read_yaml(plan.profile.accelerate_config_path),
+        deepspeed_config=_read_json(plan.profile.deepspeed_config_path),
+        num_params=getattr(facts, "num_params", None),
+        trainable_params=getattr(facts, "lora_params", None) or None,
+        env=dict(env),
+    )
+
+
+# --------------------------------------------------------------------------- the launcher's entry points
+
+def run_preflight(cfg: Any, plan: Any, hw: Any, env: Mapping[str, str], facts: Any = None) -> list[Finding]:
+    """Probe this node, then run every check. Called by `tune-launch plan` and before every launch."""
+    return evaluate(cfg, plan, hw, gather_probes(cfg, plan, env, facts))
+
+
+def raise_on_errors(findings: list[Finding]) -> list[Finding]:
+    """Raise one PreflightError line naming every error; return the warnings for the caller to print."""
+    errors = [f for f in findings if f.severity == "error"]
+    if len(errors) == 1:
+        raise PreflightError(errors[0].line())
+    if errors:
+        raise PreflightError(f"{len(errors)} preflight checks failed: " + " | ".join(f.line() for f in errors))
+    return [f for f in findings if f.severity != "error"]
+
+
+def format_findings(findings: list[Finding]) -> str:
+    if not findings:
+        return "preflight ok: no known-bad combination"
+    return "\n".join(f"{f.severity:<7} {f.line()}" for f in findings)

@@ -1,0 +1,266 @@
+"""Every preflight check: the bad combination gives an error naming the fix, the fixed one passes.
+
+Checks are pure (typed config, plan, hardware, injected `Probes`); the probes themselves are tested
+on this machine for real: a bound port, a read-only filesystem, a 30 GiB sparse data file.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from launch_helpers import HARDWARE, training_yaml
+
+from launch.hardware import hardware_from_dict
+from launch.plan import LaunchRequest, make_plan
+from launch.preflight import (
+    Finding, PreflightError, Probes, evaluate, filesystem_type, format_findings, gather_probes, raise_on_errors,
+    run_preflight,
+)
+from training.config import load_config
+
+FACTS: dict[str, object] = {}
+
+
+def facts_for(cfg):
+    from launch.model_facts import model_facts
+
+    key = (cfg.model.config_path, cfg.model.lora is not None)
+    if key not in FACTS:
+        FACTS[key] = model_facts(cfg.model)
+    return FACTS[key]
+
+
+def setup(tmp_path, model="llama-125m", mode="full", profile="ddp", hw="8x80", overrides=(), request=None, **train):
+    path = training_yaml(tmp_path, model, mode, **train)
+    cfg = load_config(path, list(overrides))
+    hardware = hardware_from_dict(HARDWARE[hw])
+    req = dict(config_path=path, overrides=tuple(overrides), profile=profile, hardware_given=True, main_process_port=29611)
+    if hw == "cpu":
+        req.update(cpu=True, num_processes=2)
+    req.update(request or {})
+    facts = None if hw == "cpu" else facts_for(cfg)
+    return cfg, make_plan(LaunchRequest(**req), cfg, hardware, facts), hardware
+
+
+def train_with(cfg, **fields):
+    """The config with extra train.* values (fields the schema may not have yet are set the same way)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=fields)})
+
+
+def quant_with(cfg, **fields):
+    model = cfg.model.model_copy(update={"quantization": cfg.model.quantization.model_copy(update=fields)})
+    return cfg.model_copy(update={"model": model})
+
+
+def shipped(plan) -> Probes:
+    acc = yaml.safe_load(plan.profile.accelerate_config_path.read_text())
+    ds = json.loads(plan.profile.deepspeed_config_path.read_text()) if plan.profile.deepspeed_config_path else {}
+    return Probes(accelerate_config=acc, deepspeed_config=ds)
+
+
+def ids(findings: list[Finding], severity="error") -> list[str]:
+    return [f.check for f in findings if f.severity == severity]
+
+
+# --------------------------------------------------------------------------- QLoRA + FSDP / ZeRO-3
+
+def test_qlora_fsdp_needs_quant_storage_matching_compute_dtype(tmp_path):
+    cfg, plan, hw = setup(tmp_path, mode="qlora", profile="fsdp")
+    bad = evaluate(cfg, plan, hw, shipped(plan))
+    assert ids(bad) == ["qlora-fsdp"]
+    assert "quant_storage (uint8)" in bad[0].message and bad[0].fix == "set model.quantization.quant_storage: bfloat16"
+    good = quant_with(cfg, quant_storage="bfloat16")
+    assert evaluate(good, plan, hw, shipped(plan)) == []
+
+
+def test_qlora_zero3_needs_storage_init_flag_and_one_dtype(tmp_path):
+    cfg, plan, hw = setup(tmp_path, mode="qlora", profile="zero3")
+    probes = shipped(plan)
+    assert ids(evaluate(cfg, plan, hw, probes)) == ["qlora-zero3"]
+    fixed = quant_with(cfg, quant_storage="bfloat16")
+    assert evaluate(fixed, plan, hw, probes) == []
+    no_init = replace(probes, accelerate_config={**probes.accelerate_config, "deepspeed_config": {"zero3_init_flag": False}})
+    found = evaluate(fixed, plan, hw, no_init)
+    assert ids(found) == ["qlora-zero3"] and "zero3_init_flag: true" in found[0].fix
+    fp16 = train_with(fixed, precision="fp16")
+    found = evaluate(fp16, plan, hw, probes)
+    assert ids(found) == ["qlora-zero3"] and "train.precision" in found[0].fix
+    _, zero2, _ = setup(tmp_path, mode="qlora", profile="zero2")
+    assert evaluate(cfg, zero2, hw, shipped(zero2)) == []  # ZeRO-2 does not partition parameters
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+def test_reentrant_checkpointing_with_zero3(tmp_path):
+    cfg, plan, hw = setup(tmp_path, profile="zero3", gradient_checkpointing=True)
+    bad = train_with(cfg, gradient_checkpointing_kwargs={"use_reentrant": True})
+    found = evaluate(bad, plan, hw, shipped(plan))
+    assert ids(found) == ["checkpointing-zero3"] and "use_reentrant: false" in found[0].fix
+    assert evaluate(cfg, plan, hw, shipped(plan)) == []  # non-reentrant (transformers' default) is fine
+    assert evaluate(train_with(bad, gradient_checkpointing=False), plan, hw, shipped(plan)) == []
+    _, ddp, _ = setup(tmp_path, profile="ddp", gradient_checkpointing=True)
+    assert evaluate(bad, ddp, hw, shipped(ddp)) == []
+
+
+def test_checkpointing_resolved_from_auto_counts(tmp_path):
+    cfg, plan, hw = setup(tmp_path, profile="zero3", gradient_checkpointing=True)
+    auto = train_with(cfg, gradient_checkpointing="auto", gradient_checkpointing_kwargs={"use_reentrant": True})
+    on = replace(plan, overrides=("train.gradient_checkpointing=true",))
+    off = replace(plan, overrides=("train.gradient_checkpointing=false",))
+    assert ids(evaluate(auto, on, hw, shipped(plan))) == ["checkpointing-zero3"]
+    assert evaluate(auto, off, hw, shipped(plan)) == []
+
+
+def test_checkpointing_twice_deepspeed_json_and_fsdp_config(tmp_path):
+    cfg, plan, hw = setup(tmp_path, profile="zero3", gradient_checkpointing=True)
+    probes = shipped(plan)
+    twice = replace(probes, deepspeed_config={**probes.deepspeed_config, "activation_checkpointing": {"partition_activations": True}})
+    assert ids(evaluate(cfg, plan, hw, twice)) == ["checkpointing-zero3"]
+    _, fsdp, _ = setup(tmp_path, profile="fsdp", gradient_checkpointing=True)
+    probes = shipped(fsdp)
+    assert evaluate(cfg, fsdp, hw, probes) == []
+    both = replace(probes, accelerate_config={**probes.accelerate_config, "fsdp_config": {"fsdp_activation_checkpointing": True}})
+    assert ids(evaluate(cfg, fsdp, hw, both)) == ["checkpointing-fsdp"]
+
+
+# --------------------------------------------------------------------------- global batch
+
+def test_global_batch_not_divisible_by_processes_times_accumulation(tmp_path):
+    cfg, plan, hw = setup(tmp_path, profile="ddp", gradient_accumulation_steps=4)  # 8 GPUs x 4 = 32
+    cfg = train_with(cfg, micro_batch_size="auto")
+    found = evaluate(train_with(cfg, global_batch_size=100), plan, hw, Probes())
+    assert ids(found) == ["global-batch"]
+    assert "(8 x 4 = 32)" in found[0].message and "(96 or 128)" in found[0].fix
+    assert evaluate(train_with(cfg, global_batch_size=128), plan, hw, Probes()) == []
+
+
+def test_global_batch_disagreeing_with_a_fixed_micro_batch(tmp_path):
+    cfg, plan, hw = setup(tmp_path, profile="ddp")  # micro 1, 8 GPUs, accumulation 1
+    found = evaluate(train_with(cfg, global_batch_size=16), plan, hw, Probes())
+    assert ids(found) == ["global-batch"] and "set train.micro_batch_size: 2" in found[0].fix
+    assert evaluate(train_with(cfg, global_batch_size=8), plan, hw, Probes()) == []
+
+
+# --------------------------------------------------------------------------- port
+
+def test_port_in_use_is_an_error_on_node_zero(tmp_path):
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg, plan, hw = setup(tmp_path, hw="cpu", request={"main_process_port": port})
+        probes = gather_probes(cfg, plan, {})
+        assert probes.port_in_use is True
+        found = evaluate(cfg, plan, hw, probes)
+        assert ids(found) == ["port"] and f"--main-process-port {port} is already in use" in found[0].message
+    assert gather_probes(cfg, plan, {}).port_in_use is False
+    assert evaluate(cfg, plan, hw, gather_probes(cfg, plan, {})) == []
+
+
+def test_port_checked_only_where_it_is_bound(tmp_path):
+    cfg, plan, hw = setup(tmp_path, hw="2x8x80", request={"node_rank": 1, "main_process_ip": "10.0.0.1"})
+    assert evaluate(cfg, plan, hw, Probes(port_in_use=True)) == []  # node 0 binds it, not this node
+
+
+# --------------------------------------------------------------------------- output folder
+
+def test_output_dir_not_writable(tmp_path):
+    cfg, plan, hw = setup(tmp_path, hw="cpu", overrides=("output_dir=/proc/tune-launch-out",))
+    probes = gather_probes(cfg, plan, {})  # /proc is read-only even for root
+    assert probes.output_writable is False and probes.output_probe_path == "/proc"
+    found = evaluate(cfg, plan, hw, probes)
+    assert ids(found) == ["output-dir"] and "cannot write in /proc" in found[0].message
+    cfg, plan, hw = setup(tmp_path, hw="cpu", overrides=(f"output_dir={tmp_path}/new/run",))
+    probes = gather_probes(cfg, plan, {})
+    assert probes.output_writable is True and probes.output_probe_path == str(tmp_path.resolve())
+    assert not (tmp_path / "new").exists()  # probing creates nothing
+    assert evaluate(cfg, plan, hw, probes) == []
+
+
+def test_multi_node_output_dir_must_be_shared(tmp_path):
+    cfg, plan, hw = setup(tmp_path, hw="2x8x80", profile="fsdp", request={"main_process_ip": "10.0.0.1"})
+    local = Probes(output_writable=True, output_fs_type="ext4")
+    found = evaluate(cfg, plan, hw, local)
+    assert ids(found) == ["output-dir"] and "local ext4 filesystem" in found[0].message
+    assert evaluate(cfg, plan, hw, replace(local, output_fs_type="nfs4")) == []
+    assert evaluate(cfg, plan, hw, replace(local, output_fs_type="lustre")) == []
+    assert evaluate(cfg, plan, hw, replace(local, env={"TUNE_LAUNCH_SHARED_FS": "1"})) == []
+    _, one_node, _ = setup(tmp_path, hw="8x80", profile="fsdp")
+    assert evaluate(cfg, one_node, hw, local) == []
+
+
+def test_filesystem_type_uses_the_longest_mount_point():
+    mounts = ("overlay / overlay rw 0 0\n10.0.0.5:/export /shared nfs4 rw 0 0\n"
+              "/dev/sda1 /shared/local ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n")
+    assert filesystem_type(Path("/shared/runs/a"), mounts) == "nfs4"
+    assert filesystem_type(Path("/shared/local/x"), mounts) == "ext4"
+    assert filesystem_type(Path("/sharedx"), mounts) == "overlay"
+    assert filesystem_type(Path("/tmp"), mounts) == "tmpfs"
+
+
+# --------------------------------------------------------------------------- disk
+
+def test_free_disk_below_one_checkpoint(tmp_path):
+    cfg, plan, hw = setup(tmp_path, model="llama-2-7b", profile="zero3")
+    facts = facts_for(cfg)
+    probes = Probes(num_params=facts.num_params)
+    small = replace(hw, disk_free_gib=50.0)  # 6.7e9 params x (2 + 4 + 8 + 2) bytes ~ 100 GiB
+    found = evaluate(cfg, plan, small, probes)
+    assert ids(found) == ["disk"] and "one checkpoint needs about 100" in found[0].message
+    assert evaluate(cfg, plan, replace(hw, disk_free_gib=2000.0), probes) == []
+    tight = evaluate(cfg, plan, replace(hw, disk_free_gib=200.0), probes)  # 3 kept + 1 being written
+    assert ids(tight) == [] and ids(tight, "warning") == ["disk"]
+    lora_cfg, lora_plan, _ = setup(tmp_path, model="llama-2-7b", mode="lora", profile="zero3")
+    lora = facts_for(lora_cfg)
+    assert evaluate(lora_cfg, lora_plan, small, Probes(num_params=lora.num_params, trainable_params=lora.lora_params)) == []
+
+
+# --------------------------------------------------------------------------- data preparation vs the collective timeout
+
+def test_data_prep_longer_than_the_collective_timeout(tmp_path):
+    cfg, plan, hw = setup(tmp_path, hw="cpu")
+    big = tmp_path / "data.jsonl"
+    with open(big, "r+b") as f:  # 30 GiB sparse: the probe reads sizes, never the data
+        f.truncate(30 * 1024**3)
+    probes = gather_probes(cfg, plan, {})
+    assert probes.data_bytes == 30 * 1024**3
+    found = evaluate(cfg, plan, hw, probes)
+    assert ids(found) == ["data-prep"]
+    assert "times out after 30 min" in found[0].message and "raise train.ddp_timeout to at least" in found[0].fix
+    assert evaluate(train_with(cfg, ddp_timeout=4 * 3600), plan, hw, probes) == []
+    assert evaluate(cfg, plan, hw, replace(probes, data_bytes=100 * 1024**2)) == []
+    one, one_plan, _ = setup(tmp_path, hw="cpu", request={"num_processes": 1, "profile": "cpu"})
+    assert evaluate(one, one_plan, hw, probes) == []  # nobody waits on a single process
+
+
+# --------------------------------------------------------------------------- entry points
+
+def test_raise_on_errors_is_one_line_and_returns_warnings():
+    err = Finding("port", "error", "port 1 busy", "pick another")
+    err2 = Finding("disk", "error", "disk full", "free some")
+    warn = Finding("disk", "warning", "tight", "lower save_total_limit")
+    assert raise_on_errors([warn]) == [warn]
+    with pytest.raises(PreflightError) as e:
+        raise_on_errors([err, warn])
+    assert str(e.value) == "preflight port: port 1 busy; fix: pick another" and e.value.exit_code == 2
+    with pytest.raises(PreflightError, match=r"^2 preflight checks failed: preflight port: .* \| preflight disk: ") as e:
+        raise_on_errors([err, err2])
+    assert "\n" not in str(e.value)
+    assert format_findings([]) == "preflight ok: no known-bad combination"
+
+
+def test_run_preflight_on_a_clean_cpu_rehearsal(tmp_path):
+    cfg, plan, hw = setup(tmp_path, hw="cpu", profile="zero2")
+    assert run_preflight(cfg, plan, hw, {}) == []
+
+
+def test_shipped_profiles_pass_with_a_sound_qlora_config(tmp_path):
+    """The shipped accelerate/DeepSpeed files never trip a check on their own."""
+    for profile in ("ddp", "fsdp", "zero2", "zero3"):
+        cfg, plan, hw = setup(tmp_path, mode="qlora", profile=profile, gradient_checkpointing=True)
+        assert evaluate(quant_with(cfg, quant_storage="bfloat16"), plan, hw, shipped(plan)) == [], profile
