@@ -1,0 +1,177 @@
+"""Atomic checkpoints and resume discovery.
+
+A checkpoint is written by every rank into output_dir/.staging/checkpoint-N, then the saving process
+fsyncs every file, writes MARKER (a manifest of file sizes) and renames the folder to
+output_dir/checkpoint-N. A folder without the marker, or with a file whose size differs from the
+manifest (truncated), is not a checkpoint: resume skips it with a warning. So a crash loses at most
+one save interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("tune_launch")
+MARKER = "tune_launch_complete.json"
+STAGING = ".staging"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# --------------------------------------------------------------------------- discovery (pure file inspection)
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    path: Path
+    step: int
+    complete: bool
+    reason: str = ""
+
+
+def inspect_checkpoint(path: Path) -> CheckpointStatus:
+    """Complete when the marker exists and every listed file is there with its recorded size."""
+    m = _CKPT.match(path.name)
+    step = int(m.group(1)) if m else -1
+    marker = path / MARKER
+    if not marker.is_file():
+        return CheckpointStatus(path, step, False, f"no completion marker {MARKER}")
+    try:
+        manifest = json.loads(marker.read_text())
+        files: dict[str, int] = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return CheckpointStatus(path, step, False, f"unreadable {MARKER}")
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return CheckpointStatus(path, step, False, f"missing file {rel}")
+        if f.stat().st_size != size:
+            return CheckpointStatus(path, step, False, f"truncated file {rel} ({f.stat().st_size} of {size} bytes)")
+    return CheckpointStatus(path, step, True)
+
+
+def list_checkpoints(output_dir: Path) -> list[CheckpointStatus]:
+    """checkpoint-N folders in output_dir, newest step first."""
+    if not output_dir.is_dir():
+        return []
+    found = [inspect_checkpoint(p) for p in output_dir.iterdir() if p.is_dir() and _CKPT.match(p.name)]
+    return sorted(found, key=lambda s: s.step, reverse=True)
+
+
+def find_resume_checkpoint(output_dir: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a warning."""
+    for status in list_checkpoints(output_dir):
+        if status.complete:
+            return status.path
+        if warn:
+            log.warning("skipping incomplete checkpoint %s: %s", status.path, status.reason)
+    return None
+
+
+def resolve_resume(setting: str, output_dir: Path) -> Path | None:
+    """checkpoint.resume: 'auto' -> newest complete, 'never' -> None, else that folder (must be complete)."""
+    if setting == "never":
+        return None
+    if setting == "auto":
+        return find_resume_checkpoint(output_dir)
+    status = inspect_checkpoint(Path(setting))
+    if not status.complete:
+        from training.config import ConfigError
+
+        raise ConfigError(f"checkpoint.resume: {setting} is not a complete checkpoint ({status.reason}); "
+                          "use 'auto' to pick the newest complete one")
+    return Path(setting)
+
+
+# --------------------------------------------------------------------------- writing
+
+def fsync_tree(root: Path) -> dict[str, int]:
+    """fsync every file and folder under root; return {relative path: size}."""
+    sizes: dict[str, int] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            with open(p, "rb+") as fh:
+                os.fsync(fh.fileno())
+            sizes[str(p.relative_to(root))] = p.stat().st_size
+        _fsync_dir(Path(dirpath))
+    return sizes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(staging: Path, final: Path, step: int) -> Path:
+    """fsync, write the marker, rename staging -> final (replacing a stale folder of that name)."""
+    sizes = fsync_tree(staging)
+    marker = staging / MARKER
+    tmp = staging / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": sizes}, indent=1, sort_keys=True))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, marker)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+class AtomicCheckpointMixin:
+    """Trainer mixin: HF's _save_checkpoint writes into the staging folder, then the folder is sealed."""
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial):  # type: ignore[override]
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        args = self.args  # type: ignore[attr-defined]
+        step = self.state.global_step  # type: ignore[attr-defined]
+        run_dir = Path(args.output_dir)
+        staging_root = run_dir / STAGING
+        staging = staging_root / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a crash during an earlier save
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+        limit = args.save_total_limit
+        args.save_total_limit = None  # rotation happens below, in the real folder, after sealing
+        self._staging_root = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._staging_root = None
+            args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank's shard is written
+        final = run_dir / staging.name
+        if args.should_save:
+            seal(staging, final, step)
+            _rotate(run_dir, limit)
+            log.info("checkpoint %s written (atomic, marker %s)", final, MARKER)
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+
+
+def _rotate(run_dir: Path, limit: int | None) -> None:
+    """Keep the newest `limit` complete checkpoints; incomplete ones older than the newest complete go too."""
+    if not limit:
+        return
+    statuses = list_checkpoints(run_dir)
+    complete = [s for s in statuses if s.complete]
+    keep = {s.path for s in complete[:limit]}
+    newest = complete[0].step if complete else -1
+    for s in statuses:
+        if s.path not in keep and (s.complete or s.step < newest):
+            shutil.rmtree(s.path, ignore_errors=True)

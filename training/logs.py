@@ -1,0 +1,113 @@
+"""Rank-tagged logging with transformers' meaning of log_level, log_level_replica and log_on_each_node.
+
+A process is "main" for logging when it is rank 0, or local rank 0 of its node when log_on_each_node is
+true (transformers' `should_log`). Main processes log at `log_level`, the others at `log_level_replica`;
+'passive' keeps each library's default: WARNING for the libraries, and for tune-launch's own lines
+(progress, metrics, summary) INFO on logging-main processes and WARNING on replicas. Every line carries "[nodeN rankR]"; each node appends to
+output_dir/logs/node<N>.log. Python warnings are printed by logging-main processes only, since every
+rank would print the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.distributed import RankInfo
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+          "critical": logging.CRITICAL, "passive": logging.WARNING}
+LIBRARY_LOGGERS = ("transformers", "accelerate", "datasets", "trl", "peft", "DeepSpeed", "torch.distributed", "py.warnings")
+LOGGER_NAME = "tune_launch"
+FORMAT = "%(asctime)s [{tag}] %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class LogPlan:
+    """What this process does with log records; a pure function of the config and the rank."""
+
+    level: int  # for the libraries
+    own_level: int  # for tune-launch's own logger
+    is_log_main: bool
+    tag: str
+    file: Path | None
+
+
+def plan_logging(info: RankInfo, log_level: str, log_level_replica: str, log_on_each_node: bool,
+                 output_dir: str | None) -> LogPlan:
+    is_log_main = info.is_local_main if log_on_each_node else info.is_main
+    name = log_level if is_log_main else log_level_replica
+    own = (logging.INFO if is_log_main else logging.WARNING) if name == "passive" else LEVELS[name]
+    file = Path(output_dir) / "logs" / f"node{info.node_rank}.log" if output_dir else None
+    return LogPlan(level=LEVELS[name], own_level=own, is_log_main=is_log_main, tag=info.tag, file=file)
+
+
+class _DropReplicaWarnings(logging.Filter):
+    """Python warnings are the same on every rank: keep them on logging-main processes only."""
+
+    def __init__(self, keep: bool) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.keep or record.name != "py.warnings"
+
+
+def setup_logging(plan: LogPlan) -> logging.Logger:
+    """Install the tagged handlers on our logger and the libraries' loggers (idempotent)."""
+    fmt = logging.Formatter(FORMAT.format(tag=plan.tag), datefmt="%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if plan.file is not None:
+        plan.file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(plan.file, mode="a", encoding="utf-8"))
+    keep_warnings = plan.is_log_main or plan.own_level <= logging.INFO
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.addFilter(_DropReplicaWarnings(keep_warnings))
+    logging.captureWarnings(True)
+    _install_transformers(handlers, plan.level)
+    for name in LIBRARY_LOGGERS:
+        _attach(logging.getLogger(name), handlers, plan.level)
+    _attach(logging.getLogger(LOGGER_NAME), handlers, plan.own_level)
+    # bitsandbytes warns at import about optional CPU kernels on every rank; only its errors matter here
+    _attach(logging.getLogger("bitsandbytes"), handlers, max(plan.level, logging.ERROR))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger._tune_launch_plan = plan  # type: ignore[attr-defined]
+    return logger
+
+
+def reattach_library_loggers(logger: logging.Logger) -> None:
+    """Libraries imported late (DeepSpeed) add their own handlers: replace them with ours again."""
+    plan: LogPlan = logger._tune_launch_plan  # type: ignore[attr-defined]
+    for name in LIBRARY_LOGGERS:
+        _attach(logging.getLogger(name), list(logger.handlers), plan.level)
+    _install_transformers(list(logger.handlers), plan.level)
+
+
+def _attach(lg: logging.Logger, handlers: list[logging.Handler], level: int) -> None:
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+    for h in handlers:
+        lg.addHandler(h)
+    lg.setLevel(level)
+    lg.propagate = False
+
+
+def _install_transformers(handlers: list[logging.Handler], level: int) -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.set_verbosity(level)
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()  # our handlers sit on the "transformers" logger itself; no root echo
+    _attach(logging.getLogger("transformers"), handlers, level)
+
+
+def close_logging(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        h.flush()
+        if isinstance(h, logging.FileHandler):
+            h.close()

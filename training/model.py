@@ -1,0 +1,155 @@
+"""The model and tokenizer: from the hub/a folder, or built from a config for training from scratch;
+4-bit QLoRA through bitsandbytes and LoRA adapters through peft."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from training.config import ModelConfig, TrainingConfig
+
+log = logging.getLogger("tune_launch")
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def torch_dtype(cfg: TrainingConfig, device: str):
+    """Weights dtype: the YAML's, else fp32 on CPU or with fp32 precision, else bf16 on GPU."""
+    import torch
+
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    if device == "cpu" or cfg.train.precision == "fp32":
+        return torch.float32
+    return torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16
+
+
+def model_config(m: ModelConfig, vocab_size: int | None):
+    """A transformers config for training from scratch (inline dict or config.json), vocab fitted to the tokenizer."""
+    from transformers import AutoConfig
+
+    raw: dict[str, Any] = dict(m.config) if m.config is not None else _read_config_json(m.config_path)
+    model_type = raw.pop("model_type", "llama")
+    for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
+        raw.pop(key, None)
+    if vocab_size is not None:
+        raw["vocab_size"] = vocab_size
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def _read_config_json(path: str | None) -> dict[str, Any]:
+    p = Path(str(path))
+    p = p / "config.json" if p.is_dir() else p
+    return json.loads(p.read_text())
+
+
+def quantization_config(cfg: TrainingConfig):
+    q = cfg.model.quantization
+    if q is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=q.load_in_4bit, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                              bnb_4bit_quant_storage=getattr(torch, q.quant_storage))
+
+
+def build_model(cfg: TrainingConfig, tokenizer, device: str):
+    """The causal LM, fp32 master weights on CPU; seeded so every rank starts from the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    dtype = torch_dtype(cfg, device)
+    kwargs: dict[str, Any] = {}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if m.from_scratch:
+        config = model_config(m, len(tokenizer))
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    else:
+        qc = quantization_config(cfg)
+        if qc is not None:
+            kwargs["quantization_config"] = qc
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code,
+                                                     **kwargs)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    if cfg.train.gradient_checkpointing is True:
+        model.config.use_cache = False
+    return model
+
+
+def lora_config(cfg: TrainingConfig):
+    lc = cfg.model.lora
+    if lc is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_for_kbit(model, cfg: TrainingConfig):
+    """QLoRA: cast norms to fp32 and enable input grads (peft's recipe) before adapters go on."""
+    if cfg.model.quantization is None:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing is True)
+
+
+def load_tokenizer(cfg: TrainingConfig, train_texts: list[str], save_dir: Path, is_writer: bool):
+    """The YAML's tokenizer, or one trained here on the training text (saved once, then loaded by every rank)."""
+    from transformers import AutoTokenizer
+
+    t = cfg.tokenizer
+    if t is None or t.name_or_path is not None:
+        name = t.name_or_path if t is not None else cfg.model.name_or_path
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        if is_writer and not (save_dir / "tokenizer.json").exists():
+            from training.synthetic import train_tokenizer
+
+            trained = train_tokenizer(train_texts, t.train_vocab_size, t.chat_template)
+            save_dir.mkdir(parents=True, exist_ok=True)
+            trained.save_pretrained(str(save_dir))
+        return None  # the caller loads it after a barrier
+    if t is not None and t.chat_template:
+        tok.chat_template = t.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_saved_tokenizer(save_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(save_dir))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(numel held by this rank, numel of the full model): sharded DTensors / ZeRO-3 partitions count locally."""
+    local = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):  # DeepSpeed ZeRO-3
+            full += int(p.ds_numel)
+            local += int(p.ds_tensor.numel())
+        elif hasattr(p, "to_local"):  # FSDP2 DTensor
+            full += p.numel()
+            local += p.to_local().numel()
+        else:
+            full += p.numel()
+            local += p.numel()
+    return local, full
+
+
+def trainable_parameters(model) -> int:
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,163 @@
+"""One rank's run, start to finish: the steps `train.py` calls after the config is valid."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from training.config import ConfigError, TrainingConfig
+from training.distributed import RankInfo, barrier, teardown
+from training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
+
+log = logging.getLogger("tune_launch")
+
+
+def run(cfg: TrainingConfig, info: RankInfo) -> int:
+    out = Path(cfg.output_dir)
+    lg = cfg.logging
+    logger = setup_logging(plan_logging(info, lg.log_level, lg.log_level_replica, lg.log_on_each_node, str(out)))
+    t_start = time.perf_counter()
+    try:
+        return _run(cfg, info, out, logger, t_start)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        close_logging(logger)
+        teardown()
+
+
+def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger, t_start: float) -> int:
+    from transformers import set_seed
+
+    from training import data as D
+    from training.checkpoint import resolve_resume
+    from training.model import build_model, load_saved_tokenizer, load_tokenizer
+    from training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
+
+    if info.device == "cpu":
+        from training.cpu_rehearsal import prepare_cpu_run
+
+        prepare_cpu_run(out / ".tune_launch", info.rank)
+    sft = cfg.task == "sft"
+    if sft:
+        from trl import SFTConfig as Args
+    else:
+        from transformers import TrainingArguments as Args
+    args = Args(**arguments(cfg, info, sft))
+    _ = args.device  # initializes the process group (gloo on CPU, nccl on GPU)
+    reattach_library_loggers(logger)  # accelerate imported DeepSpeed, which installs its own handler
+    log.info("rank %d/%d on node %d, profile %s, device %s, task %s", info.rank, info.world_size, info.node_rank,
+             info.profile, info.device, cfg.task)
+    set_seed(cfg.seed)
+
+    with args.main_process_first(local=False, desc="loading data"):
+        train_parts, eval_parts = D.raw_splits(cfg)
+    tok_dir = out / "tokenizer"
+    tokenizer = load_tokenizer(cfg, D.texts(train_parts) if not sft else _sft_texts(train_parts), tok_dir, info.is_main)
+    if tokenizer is None:
+        barrier()
+        tokenizer = load_saved_tokenizer(tok_dir)
+    if sft:
+        train_ds, eval_ds = D.sft_dataset(train_parts), (D.sft_dataset(eval_parts) if eval_parts else None)
+    else:
+        train_ds = D.pretrain_dataset(train_parts, tokenizer, cfg)
+        eval_ds = D.pretrain_dataset(eval_parts, tokenizer, cfg) if eval_parts else None
+    model = build_model(cfg, tokenizer, info.device)
+    metrics = MetricsCallback()
+    what_ran = WhatRanCallback()
+    trainer = build_trainer(cfg, info, args, model, tokenizer, train_ds, eval_ds, metrics)
+    trainer.add_callback(what_ran)
+    reattach_library_loggers(logger)
+    first_batch_check(trainer)
+
+    resume = resolve_resume(cfg.checkpoint.resume, out)
+    log.info("resuming from %s", resume) if resume else log.info("starting from step 0 (no complete checkpoint to resume)")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
+        trainer.evaluate()
+    final = final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
+    report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
+    if info.is_main:
+        (out / "run_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+        print(summary(report), flush=True)
+    return 0
+
+
+def _sft_texts(parts) -> list[str]:
+    """Text to train a local tokenizer on, from any SFT format."""
+    texts: list[str] = []
+    for rows, src in parts:
+        for r in rows:
+            if src.format == "chat":
+                texts.extend(m["content"] for m in r[src.messages_field])
+            elif src.format == "alpaca":
+                texts.extend(str(r.get(k) or "") for k in ("instruction", "input", "output"))
+            else:
+                texts.append(str(r[src.text_field]))
+    return texts
+
+
+def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume, final, wall: float) -> dict[str, Any]:
+    """Facts about what really ran, gathered from every rank onto rank 0."""
+    import torch.distributed as dist
+
+    from training.model import trainable_parameters
+
+    eng = trainer.model_wrapped
+    ds: dict[str, Any] = {}
+    if trainer.is_deepspeed_enabled:
+        ds = {"zero_stage": eng.zero_optimization_stage(), "optimizer": type(eng.optimizer).__name__,
+              "inner_optimizer": type(getattr(eng.optimizer, "optimizer", None)).__name__,
+              "train_batch_size": eng.config.get("train_batch_size") if isinstance(eng.config, dict) else None,
+              "offload_optimizer": bool(eng.zero_offload_optimizer()) if hasattr(eng, "zero_offload_optimizer") else None}
+    mine = {"rank": info.rank, "node": info.node_rank, **what_ran.facts}
+    ranks = [mine]
+    if dist.is_available() and dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    steps = trainer.state.global_step
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    first_step = int(resume.name.split("-")[-1]) if resume else 0
+    return {
+        "task": cfg.task, "profile": info.profile, "device": info.device,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+        "is_fsdp": bool(trainer.is_fsdp_enabled), "is_deepspeed": bool(trainer.is_deepspeed_enabled),
+        "wrapper": type(trainer.model_wrapped).__name__, "model_class": type(trainer.model).__name__,
+        "deepspeed": ds, "ranks": ranks, "trainable_params": trainable_parameters(trainer.model),
+        "steps": steps, "resumed_from": str(resume) if resume else None, "resumed_at_step": first_step,
+        "train_losses": metrics.train_losses, "eval_losses": metrics.eval_losses,
+        "final_train_loss": float(result.training_loss) if result is not None else None,
+        "tokens": tokens, "train_seconds": metrics.train_seconds,
+        "tokens_per_second": tokens / metrics.train_seconds if metrics.train_seconds else 0.0,
+        "wall_seconds": wall, "output_dir": str(Path(cfg.output_dir).resolve()),
+        "final_model": str(final.resolve()) if final else None, "checkpoint": _newest_checkpoint(Path(cfg.output_dir)),
+    }
+
+
+def _newest_checkpoint(out: Path) -> str | None:
+    from training.checkpoint import find_resume_checkpoint
+
+    p = find_resume_checkpoint(out, warn=False)
+    return str(p.resolve()) if p else None
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The few lines a user reads at the end of a run."""
+    tl, el = r["train_losses"], r["eval_losses"]
+    loss = f"{tl[0][1]:.3f} -> {tl[-1][1]:.3f}" if tl else "n/a"
+    ev = f"{el[0][1]:.3f} -> {el[-1][1]:.3f}" if el else "n/a"
+    resumed = f" (resumed at step {r['resumed_at_step']})" if r["resumed_from"] else ""
+    return "\n".join([
+        f"done: {r['steps']} steps{resumed} on {r['world_size']} process(es) [{r['profile']}, {r['distributed_type']}], "
+        f"{r['tokens_per_second']:.0f} tokens/s, {r['wall_seconds']:.0f} s",
+        f"  train loss {loss}; eval loss {ev}",
+        f"  checkpoint: {r['checkpoint'] or 'none'}",
+        f"  final model: {r['final_model'] or 'not saved'}",
+    ])

@@ -1,0 +1,199 @@
+"""TrainingArguments from the typed config, and the Trainer (pre-training) or TRL SFTTrainer (SFT)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from training.checkpoint import AtomicCheckpointMixin
+from training.config import TrainingConfig
+from training.distributed import RankInfo
+
+log = logging.getLogger("tune_launch")
+KILL_ENV = "TUNE_LAUNCH_TEST_KILL_AT_STEP"  # fault injection for the resume tests: SIGKILL after this step
+
+
+def precision_flags(cfg: TrainingConfig, device: str) -> dict[str, bool]:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "fp32" if device == "cpu" else "bf16"
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
+    """Keyword arguments shared by TrainingArguments and SFTConfig. Pure."""
+    t, o, lg, ck, ev = cfg.train, cfg.optim, cfg.logging, cfg.checkpoint, cfg.eval
+    has_eval = cfg.data.generate is not None or bool(cfg.data.eval) or cfg.data.eval_fraction > 0
+    kwargs: dict[str, Any] = dict(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1,
+        per_device_eval_batch_size=ev.per_device_batch_size or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1),
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        learning_rate=o.learning_rate, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+        max_grad_norm=o.max_grad_norm, optim=o.optimizer, lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_steps if o.warmup_steps else o.warmup_ratio,
+        activation_checkpointing=t.gradient_checkpointing is True,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
+        torch_compile=t.torch_compile is True,
+        use_liger_kernel=t.use_liger_kernel is True or (t.use_liger_kernel == "auto" and info.device == "cuda" and _has_liger()),
+        neftune_noise_alpha=t.neftune_noise_alpha,
+        dataloader_num_workers=t.dataloader_num_workers,
+        log_level=lg.log_level, log_level_replica=lg.log_level_replica, log_on_each_node=lg.log_on_each_node,
+        logging_steps=lg.logging_steps, logging_first_step=True, report_to=[r for r in lg.report_to if r != "none"] or "none",
+        run_name=lg.run_name, disable_tqdm=not sys.stderr.isatty(),
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=ev.eval_steps or ck.save_steps, eval_on_start=ev.eval_at_start and has_eval,
+        save_strategy="steps", save_steps=ck.save_steps, save_total_limit=ck.save_total_limit,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=info.device == "cpu",
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=sft,
+        ddp_find_unused_parameters=False if info.distributed else None,
+        **precision_flags(cfg, info.device),
+    )
+    if sft:
+        kwargs.update(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
+                      dataset_text_field="text", dataset_num_proc=cfg.data.num_proc)
+    return kwargs
+
+
+def _has_liger() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+class MetricsCallback(TrainerCallback):
+    """Keeps losses for the run report and writes metrics as tagged log lines on the main process only."""
+
+    def __init__(self) -> None:
+        self.train_losses: list[tuple[int, float]] = []
+        self.eval_losses: list[tuple[int, float]] = []
+        self.train_seconds = 0.0
+        self._t0 = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self._t0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.train_losses.append((state.global_step, float(logs["loss"])))
+        if "eval_loss" in logs:
+            self.eval_losses.append((state.global_step, float(logs["eval_loss"])))
+        if state.is_world_process_zero:
+            shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}
+            log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+class WhatRanCallback(TrainerCallback):
+    """Records, after the first optimizer step (parameters resharded), how many parameters this rank holds."""
+
+    def __init__(self) -> None:
+        self.facts: dict[str, Any] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.facts or model is None:
+            return
+        from training.model import count_parameters
+
+        local, full = count_parameters(model)
+        self.facts = {"local_params": local, "total_params": full,
+                      "param_types": sorted({type(p).__name__ for p in model.parameters()})}
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The progress bar without its own print of the metrics (MetricsCallback logs them, tagged)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+class KillAtStep(TrainerCallback):
+    """Test fault injection: SIGKILL this process at the end of optimizer step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            log.warning("%s=%d: killing this process (test fault injection)", KILL_ENV, self.step)
+            for h in log.handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PretrainTrainer(AtomicCheckpointMixin, Trainer):
+    pass
+
+
+def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, train_ds, eval_ds, metrics: MetricsCallback):
+    """Trainer for pre-training, TRL's SFTTrainer for SFT; both with atomic checkpoints."""
+    callbacks: list[TrainerCallback] = [metrics]
+    kill = os.environ.get(KILL_ENV, "")
+    if kill.isdigit():
+        callbacks.append(KillAtStep(int(kill)))
+    if cfg.task == "sft":
+        from trl import SFTTrainer
+
+        from training.model import lora_config, prepare_for_kbit
+
+        cls = type("AtomicSFTTrainer", (AtomicCheckpointMixin, SFTTrainer), {})
+        model = prepare_for_kbit(model, cfg)
+        trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
+    else:
+        from training.data import collator_for
+        from training.model import lora_config
+
+        lc = lora_config(cfg)
+        if lc is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lc)
+        trainer = PretrainTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                  processing_class=tokenizer, data_collator=collator_for(cfg, tokenizer),
+                                  callbacks=callbacks)
+    trainer.pop_callback(PrinterCallback)  # MetricsCallback prints metrics, tagged, on the main process
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgressCallback())
+    return trainer
+
+
+def first_batch_check(trainer) -> None:
+    """Build one training batch the way the Trainer will and make sure it can give a loss."""
+    from training.data import check_batch
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))])
+    check_batch(batch)
+
+
+def final_save(trainer, cfg: TrainingConfig) -> Path | None:
+    """Write the final model (adapters merged when asked) to output_dir/final; FSDP gathers a full state dict."""
+    out = Path(cfg.output_dir) / "final"
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    merge = cfg.model.lora is not None and (cfg.model.lora.merge_at_end or cfg.consolidate.merge_lora)
+    if merge and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.args.should_save:
+            merged.save_pretrained(str(out))
+    else:
+        if merge:
+            log.warning("model.lora.merge_at_end: merging under FSDP/DeepSpeed is not done in-run; saving adapters "
+                        "(merge them with peft's merge_and_unload after `tune-launch consolidate`)")
+        trainer.save_model(str(out))
+    if trainer.args.should_save and trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(out))
+    return out
