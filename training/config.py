@@ -180,6 +180,7 @@ class TrainConfig(_Section):
     torch_compile: bool | Literal["auto"] = "auto"
     use_liger_kernel: bool | Literal["auto"] = "auto"
     dataloader_num_workers: int = Field(0, ge=0)
+    ddp_timeout: int = Field(1800, gt=0)  # seconds a collective may wait (e.g. while rank 0 tokenizes)
 
     @field_validator("micro_batch_size")
     @classmethod

@@ -67,6 +67,7 @@ def rewrite_deepspeed_config(env: MutableMapping[str, str], work_dir: Path, rank
 
 
 def prepare_cpu_run(work_dir: Path, rank: int) -> None:
-    """Apply both CPU adjustments; call before TrainingArguments / Trainer are built."""
+    """Apply the CPU adjustments; call before TrainingArguments / Trainer are built."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed then picks CPU without warning on every rank
     promote_fsdp_on_cpu()
     rewrite_deepspeed_config(os.environ, work_dir, rank)

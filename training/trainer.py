@@ -47,7 +47,7 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
         torch_compile=t.torch_compile is True,
         use_liger_kernel=t.use_liger_kernel is True or (t.use_liger_kernel == "auto" and info.device == "cuda" and _has_liger()),
         neftune_noise_alpha=t.neftune_noise_alpha,
-        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_num_workers=t.dataloader_num_workers, ddp_timeout=t.ddp_timeout,
         log_level=lg.log_level, log_level_replica=lg.log_level_replica, log_on_each_node=lg.log_on_each_node,
         logging_steps=lg.logging_steps, logging_first_step=True, report_to=[r for r in lg.report_to if r != "none"] or "none",
         run_name=lg.run_name, disable_tqdm=not sys.stderr.isatty(),
@@ -168,6 +168,13 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
     trainer.pop_callback(PrinterCallback)  # MetricsCallback prints metrics, tagged, on the main process
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback())
+    # tune-launch reliability (training/signals.py, training/faults.py): SIGTERM/SIGUSR1 -> checkpoint + clean exit;
+    # TUNE_LAUNCH_FAULT arms a test-only fault (inert when unset).
+    from training.faults import install_faults
+    from training.signals import install_graceful_stop
+
+    install_graceful_stop(trainer, info.rank)
+    install_faults(trainer, info.rank)
     return trainer
 
 
