@@ -151,6 +151,32 @@ class GracefulStop(TrainerCallback):
         return control
 
 
+def failure_line(rank: int, exc: BaseException) -> str:
+    """The one line the launcher's supervisor reads to name the failed rank and its error."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"[tune-launch] rank {rank} failed: {type(exc).__name__}: {text[:300]}"
+
+
+def install_fail_fast(trainer: Any, rank: int, exit_fn: Callable[[int], None] = os._exit) -> None:
+    """An exception in the training loop ends this rank at once, naming it: no barrier or save with peers that
+    may be blocked mid-collective (that is how one failing rank used to hang the job until the collective timeout)."""
+    train = trainer.train
+
+    def train_or_exit(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return train(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure must end the rank, named
+            import traceback
+
+            traceback.print_exc()
+            print(failure_line(rank, exc), file=sys.stderr, flush=True)
+            _flush()
+            exit_fn(1)
+            raise
+
+    trainer.train = train_or_exit
+
+
 def install_graceful_stop(trainer: Any, rank: int) -> GracefulStop:
     """Add the callback to a Trainer and install the handlers (call on the main thread, before train())."""
     stop = GracefulStop(rank).install()

@@ -169,11 +169,12 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback())
     # tune-launch reliability (training/signals.py, training/faults.py): SIGTERM/SIGUSR1 -> checkpoint + clean exit;
-    # TUNE_LAUNCH_FAULT arms a test-only fault (inert when unset).
+    # an exception in train() ends the rank at once, named; TUNE_LAUNCH_FAULT arms a test-only fault (inert when unset).
     from training.faults import install_faults
-    from training.signals import install_graceful_stop
+    from training.signals import install_fail_fast, install_graceful_stop
 
     install_graceful_stop(trainer, info.rank)
+    install_fail_fast(trainer, info.rank)
     install_faults(trainer, info.rank)
     return trainer
 
