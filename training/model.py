@@ -82,8 +82,8 @@ def build_model(cfg: TrainingConfig, tokenizer, device: str):
                                                      **kwargs)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-    if cfg.train.gradient_checkpointing is True:
-        model.config.use_cache = False
+    # no KV cache while training: with one, transformers ignores packed position_ids and attends across documents
+    model.config.use_cache = False
     return model
 
 
