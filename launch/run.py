@@ -1,20 +1,41 @@
-"""The thin layer that acts: prints plans, picks a free port, runs the launch and forwards signals."""
+"""The thin layer that acts: prints plans, picks a free port, runs the launch and supervises it.
+
+Supervision (`execute`): the launch runs in its own session with stderr teed through a reader that
+notes which rank failed and why. When a rank dies while others still run, the survivors get
+FAIL_FAST_S seconds, then SIGKILL: a rank blocked in a collective with a dead peer cannot hang the job
+until the collective timeout. SIGTERM/SIGUSR1/SIGHUP/SIGINT to the launcher become SIGUSR1 to every
+rank (one atomic checkpoint, clean exit; torchrun itself would pass SIGUSR1 on as a kill), bounded by
+the grace period; under SLURM the job is then requeued.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 from launch.command import build_command, build_env, full_env, redact, redact_env, shell_quote
 from launch.plan import LaunchPlan
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+FAIL_FAST_S = 5.0  # a dead rank's peers get this long to exit on their own before SIGKILL
+GRACE_ENV = "TUNE_LAUNCH_GRACE_S"  # ranks' stop grace (training/signals.py); the launcher allows 15 s more
+DEFAULT_GRACE_S = 120.0
+RANK_FAILED = re.compile(r"\[tune-launch\] rank (\d+) failed: (.*)$")
+SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
+SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+PEER_LOST = re.compile(r"Connection (reset|closed) by peer|remote worker|Broken pipe|communicator was aborted|"
+                       r"NCCL (error|communicator)|DistBackendError|[Tt]imed? ?out|Socket Timeout", re.I)
+TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
 
 def free_port() -> int:
@@ -53,24 +74,234 @@ def format_dry_run(plan: LaunchPlan, base_env: Mapping[str, str]) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class Failure:
+    """The first rank that failed: global rank, how, and when the launcher learnt of it."""
+
+    rank: int
+    detail: str = ""
+    exitcode: int | None = None
+    at: float = field(default_factory=time.monotonic)
+
+
+def exit_detail(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def requeue_command(env: Mapping[str, str], node_rank: int) -> list[str] | None:
+    """`scontrol requeue JOB` from node 0 of a SLURM job, else None."""
+    job = env.get("SLURM_JOB_ID")
+    if not job or node_rank != 0 or shutil.which("scontrol", path=env.get("PATH")) is None:
+        return None
+    return [shutil.which("scontrol", path=env.get("PATH")) or "scontrol", "requeue", job]
+
+
+class Supervisor:
+    """Runs one node's launch: tees stderr, watches the ranks, stops them fast on failure, gently on signals."""
+
+    def __init__(self, plan: LaunchPlan, argv: list[str], env: Mapping[str, str], stream: TextIO,
+                 fail_fast_s: float = FAIL_FAST_S) -> None:
+        self.plan, self.argv, self.env, self.stream = plan, argv, dict(env), stream
+        self.fail_fast_s = fail_fast_s
+        try:
+            self.grace_s = float(env.get(GRACE_ENV) or DEFAULT_GRACE_S)
+        except ValueError:
+            self.grace_s = DEFAULT_GRACE_S
+        self.messages: dict[int, str] = {}  # rank -> its own one-line error, in the order they arrived
+        self.exitcodes: dict[int, int] = {}  # rank -> exit code, from torchrun's report
+        self.root_rank: int | None = None  # torchrun's "first observed failure"
+        self.first_evidence: float | None = None
+        self.killed: set[int] = set()  # ranks this supervisor SIGKILLed (their exit is not a cause)
+        self.stop_signal: int | None = None
+        self.stop_count = 0
+        self.ranks: dict[int, int] = {}  # pid -> global rank
+        self.gone: dict[int, float] = {}  # global rank -> when it was seen gone
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------------ output
+
+    def _global(self, local_rank: int) -> int:
+        return self.plan.node_rank * self.plan.processes_per_node + local_rank
+
+    def _read(self, pipe) -> None:
+        block_rank: int | None = None
+        in_root = False
+        for line in iter(pipe.readline, ""):
+            self.stream.write(redact(line))
+            self.stream.flush()
+            with self.lock:
+                self._parse(line, block_rank, in_root)
+                if "Root Cause (first observed failure)" in line:
+                    in_root = True
+                m = SUMMARY_RANK.search(line)
+                if m:
+                    block_rank = self._global(int(m.group(2)))
+                m = SUMMARY_EXIT.search(line)
+                if m and block_rank is not None:
+                    self.exitcodes[block_rank] = int(m.group(1))
+                    if in_root and self.root_rank is None:
+                        self.root_rank = block_rank
+                    block_rank = None
+
+    def _parse(self, line: str, block_rank: int | None, in_root: bool) -> None:
+        m = RANK_FAILED.search(line)
+        if m:
+            self.messages.setdefault(int(m.group(1)), m.group(2).strip())
+            self.first_evidence = self.first_evidence or time.monotonic()
+        m = TORCHRUN_FAILED.search(line)
+        if m:
+            rank = self._global(int(m.group(2)))
+            self.exitcodes.setdefault(rank, int(m.group(1)))
+            self.root_rank = rank if self.root_rank is None else self.root_rank
+            self.first_evidence = self.first_evidence or time.monotonic()
+
+    def culprit(self) -> Failure | None:
+        """The rank that failed first: its own error, not a peer's 'connection reset' that followed it."""
+        secondary = {r for r, msg in self.messages.items() if PEER_LOST.search(msg)}
+        primaries = [r for r in self.messages if r not in secondary]
+        if not primaries:
+            silent = [r for r, c in self.exitcodes.items() if c != 0 and r not in secondary and r not in self.killed]
+            primaries = sorted(silent, key=lambda r: (r != self.root_rank, r))
+        if not primaries and self.gone:
+            primaries = [min(self.gone, key=self.gone.get)]
+        if not primaries:
+            primaries = [r for r in (self.root_rank, *self.messages) if r is not None][:1]
+        if not primaries:
+            return None
+        r = primaries[0]
+        code = self.exitcodes.get(r)
+        detail = self.messages.get(r) or (exit_detail(code) if code is not None else "exited while the other ranks were running")
+        return Failure(r, detail, code, self.first_evidence or time.monotonic())
+
+    def say(self, text: str) -> None:
+        print(f"[tune-launch] {text}", file=self.stream, flush=True)
+
+    # ------------------------------------------------------------------ the rank processes
+
+    def _rank_processes(self, proc: subprocess.Popen) -> list:
+        """The launcher's direct children are the ranks (torchrun runs inside it and starts them)."""
+        import psutil
+
+        try:
+            children = psutil.Process(proc.pid).children()
+        except psutil.Error:
+            return []
+        for child in children:
+            if child.pid not in self.ranks:
+                try:
+                    local = int(child.environ().get("LOCAL_RANK", "0"))
+                except (psutil.Error, ValueError):
+                    continue
+                self.ranks[child.pid] = self._global(local)
+        return children
+
+    def _alive(self, pid: int) -> bool:
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def _signal_ranks(self, sig: int) -> None:
+        for pid in list(self.ranks):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _kill_all(self, proc: subprocess.Popen) -> None:
+        self._signal_ranks(signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_count += 1
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, stderr=subprocess.PIPE,
+                                text=True, errors="replace", bufsize=1)
+        reader = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        reader.start()
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        stop_sent_at: float | None = None
+        killed_for: str | None = None
+        hard_deadline: float | None = None
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                self._rank_processes(proc)
+                now = time.monotonic()
+                if self.stop_signal is not None and stop_sent_at is None:
+                    stop_sent_at = now
+                    self.say(f"{signal.Signals(self.stop_signal).name}: asking every rank to save a checkpoint and stop "
+                             f"(grace {self.grace_s:.0f} s; send it again to stop at once)")
+                    self._signal_ranks(signal.SIGUSR1)
+                if stop_sent_at is not None and (self.stop_count > 1 or now - stop_sent_at > self.grace_s + 15):
+                    killed_for = "stop signal: grace period over" if self.stop_count <= 1 else "second stop signal"
+                    self._kill_all(proc)
+                    break
+                alive = {pid: r for pid, r in self.ranks.items() if self._alive(pid)}
+                for pid, r in self.ranks.items():
+                    if pid not in alive:
+                        self.gone.setdefault(r, now)
+                if self.gone and alive and stop_sent_at is None:
+                    first_rank, first_at = min(self.gone.items(), key=lambda kv: kv[1])
+                    self.first_evidence = self.first_evidence or first_at
+                    if now - first_at > self.fail_fast_s and killed_for is None:
+                        killed_for = f"rank {first_rank} is gone"
+                        hard_deadline = now + 10
+                        self.killed.update(alive.values())
+                        self._signal_ranks(signal.SIGKILL)  # torchrun then reports and exits on its own
+                if hard_deadline is not None and now > hard_deadline:
+                    self._kill_all(proc)
+                    break
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        reader.join(timeout=5)
+        return self._outcome(code, killed_for)
+
+    def _outcome(self, code: int, killed_for: str | None) -> int:
+        code = 128 - code if code < 0 else code
+        if self.stop_signal is not None and code == 0 and killed_for is None:
+            self.say(f"stopped by {signal.Signals(self.stop_signal).name}: every rank saved the checkpoint and exited; "
+                     "run the same command to resume")
+            requeue = requeue_command(self.env, self.plan.node_rank) if self.stop_signal in (signal.SIGTERM, signal.SIGUSR1) else None
+            if requeue:
+                done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
+                self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
+            return 0
+        with self.lock:
+            f = self.culprit() if code != 0 or self.messages else None
+        if f is None:
+            if code == 0:
+                return 0
+            reason = killed_for or exit_detail(code)
+            print(f"tune-launch: error: the launch failed ({reason}); see the rank logs above", file=self.stream, flush=True)
+            return code
+        elapsed = max(0.0, time.monotonic() - f.at)
+        print(f"tune-launch: error: rank {f.rank} (node {self.plan.node_rank}) failed: {f.detail}; "
+              f"every rank had exited {elapsed:.1f} s later", file=self.stream, flush=True)
+        return code or 1
+
+
 def execute(plan: LaunchPlan, base_env: Mapping[str, str], stream: TextIO = sys.stderr) -> int:
-    """Run this node's launch; forward signals to the whole process group; return its exit code."""
+    """Run this node's launch under the supervisor; return its exit code (non-zero names the failed rank)."""
     argv = build_command(plan)
     env = full_env(plan, base_env)
     print(f"[tune-launch] {format_plan_header(plan)}", file=stream)
     print(f"[tune-launch] running: {redact(shell_quote(argv))}", file=stream, flush=True)
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
-    try:
-        code = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+    return Supervisor(plan, argv, env, stream).run()
