@@ -113,7 +113,7 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool)
     if needs_facts:
         from launch.model_facts import model_facts
         facts = model_facts(cfg.model)
-    return make_plan(request, cfg, hw, facts), facts, hw
+    return make_plan(request, cfg, hw, facts), facts, hw, cfg
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -136,16 +136,33 @@ def cmd_profiles(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from launch.report import plan_json, plan_table
 
-    plan, facts, hw = _make_plan(args, env, planning=True)
-    print(json.dumps(plan_json(plan, facts, hw), indent=2, sort_keys=True) if args.json else plan_table(plan, facts, hw))
+    from launch.preflight import format_findings, run_preflight
+
+    plan, facts, hw, cfg = _make_plan(args, env, planning=True)
+    findings = run_preflight(cfg, plan, hw, env, facts)
+    if args.json:
+        data = plan_json(plan, facts, hw)
+        data["preflight"] = [{"check": f.check, "severity": f.severity, "message": f.message, "fix": f.fix} for f in findings]
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(plan_table(plan, facts, hw))
+        print(format_findings(findings))
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        print(f"tune-launch: error: {len(errors)} preflight check(s) failed (above); fix them before launching", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from launch.preflight import raise_on_errors, run_preflight
     from launch.run import execute, format_dry_run, with_port
 
-    plan, _, _ = _make_plan(args, env, planning=False)
+    plan, facts, hw, cfg = _make_plan(args, env, planning=False)
     plan = with_port(plan)
+    warnings = raise_on_errors(run_preflight(cfg, plan, hw, env, facts))
+    for finding in warnings:
+        print(f"tune-launch: warning: {finding.line()}", file=sys.stderr)
     if args.dry_run:
         print(format_dry_run(plan, env))
         return 0

@@ -100,8 +100,9 @@ def place(request: LaunchRequest, hw: Hardware) -> Placement:
             + ("drop --strict to fall back to what is here" if request.strict else "fix --gpus or the --hardware file"))
     if have >= 1:
         return Placement("cuda", have, nodes, (f"asked for {wanted} GPUs, this machine has {have}: running on {have} instead (--strict refuses)",))
-    asked = f"asked for {wanted} GPU(s)" if wanted else "no GPU found"
-    return Placement("cpu", 1, 1, (f"{asked}, this machine has none: running one CPU process with the cpu profile instead (--strict refuses)",))
+    if not wanted:
+        return Placement("cpu", 1, 1, ("no GPU here: one CPU process (cpu profile); `--cpu --num-processes 2 --profile P` rehearses a multi-GPU profile",))
+    return Placement("cpu", 1, 1, (f"asked for {wanted} GPU(s), this machine has none: running one CPU process with the cpu profile instead (--strict refuses)",))
 
 
 def workload_for(cfg, placement: Placement, hw: Hardware, micro_batch: int | None = None, checkpointing: bool = False) -> Workload:

@@ -105,7 +105,8 @@ def test_cpu_rehearsal_command(tmp_path):
 def test_dry_run_prints_every_node_and_redacts_secrets(tmp_path, capsys):
     yaml_path = training_yaml(tmp_path, "llama-2-7b")
     hw = _write_hw(tmp_path, "2x8x80")
-    env = {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123", "PATH": "/usr/bin"}
+    # output_dir is on a local disk here; the shared-filesystem preflight check is told to trust it
+    env = {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123", "PATH": "/usr/bin", "TUNE_LAUNCH_SHARED_FS": "1"}
     code = cli.dispatch(["--dry-run", "--hardware", str(hw), "--profile", "fsdp", "--node-rank", "1",
                          "--main-process-ip", "10.0.0.1", "--main-process-port", "29555", str(yaml_path),
                          "logging.run_name=hf_abcdefghijklmnopqrstuvwxyz0123"], env)
