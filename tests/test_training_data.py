@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training import synthetic
-from training.config import DataSource
+from training.config import ConfigError, DataSource
 from training.data import IGNORE, CausalLMCollator, alpaca_prompt, check_batch, pack_documents, to_sft_row
 
 
@@ -40,7 +40,7 @@ def test_unpacked_collator_builds_labels_with_padding_ignored():
     assert batch["labels"].tolist() == [[3, 4, 5], [6, 7, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     check_batch(batch)
-    with pytest.raises(ValueError, match="carry no labels"):
+    with pytest.raises(ConfigError, match="carry no labels"):
         check_batch({"input_ids": batch["input_ids"]})
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.config import DataSource, TrainingConfig
+from training.config import ConfigError, DataSource, TrainingConfig
 
 IGNORE = -100
 ALPACA_PROMPT = (
@@ -77,9 +77,10 @@ class CausalLMCollator:
 def check_batch(batch: dict[str, Any]) -> None:
     """Fail with a clear message, before training, if a batch could not give a loss."""
     if "labels" not in batch:
-        raise ValueError(f"data: batches carry no labels (keys: {sorted(batch)}); the collator must build them")
+        raise ConfigError(f"data: batches carry no labels (keys: {sorted(batch)}); the collator must build them")
     if int((batch["labels"] != IGNORE).sum()) == 0:
-        raise ValueError("data: the first batch has no token to predict (all labels -100); check max_length and the data")
+        raise ConfigError("max_length: the first batch has no token to predict (all labels -100): prompts fill "
+                          "max_length; raise max_length or shorten the prompts")
 
 
 # --------------------------------------------------------------------------- formats (pure)

@@ -130,7 +130,7 @@ def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume
         "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
         "is_fsdp": bool(trainer.is_fsdp_enabled), "is_deepspeed": bool(trainer.is_deepspeed_enabled),
         "wrapper": type(trainer.model_wrapped).__name__, "model_class": type(trainer.model).__name__,
-        "deepspeed": ds, "ranks": ranks, "trainable_params": trainable_parameters(trainer.model),
+        "deepspeed": ds, "ranks": ranks, "trainable_params": what_ran.facts.get("trainable_params", trainable_parameters(trainer.model)),
         "steps": steps, "resumed_from": str(resume) if resume else None, "resumed_at_step": first_step,
         "train_losses": metrics.train_losses, "eval_losses": metrics.eval_losses,
         "final_train_loss": float(result.training_loss) if result is not None else None,

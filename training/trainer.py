@@ -106,10 +106,10 @@ class WhatRanCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.facts or model is None:
             return
-        from training.model import count_parameters
+        from training.model import count_parameters, trainable_parameters
 
         local, full = count_parameters(model)
-        self.facts = {"local_params": local, "total_params": full,
+        self.facts = {"local_params": local, "total_params": full, "trainable_params": trainable_parameters(model),
                       "param_types": sorted({type(p).__name__ for p in model.parameters()})}
 
 
