@@ -284,6 +284,11 @@ class Supervisor:
                 done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
                 self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
             return 0
+        if self.stop_signal is not None and killed_for is None and all(c < 0 or c > 128 for c in self.exitcodes.values()):
+            name = signal.Signals(self.stop_signal).name
+            print(f"tune-launch: error: stopped by {name} before the training loop (nothing new to save); "
+                  "the newest complete checkpoint, if any, is kept", file=self.stream, flush=True)
+            return 128 + self.stop_signal
         with self.lock:
             f = self.culprit() if code != 0 or self.messages else None
         if f is None:
