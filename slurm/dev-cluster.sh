@@ -13,6 +13,8 @@
 # The recipe and its measurements: docs/slurm.md.
 set -euo pipefail
 
+CHANGED=()
+STARTED_NOW=""
 STATE_DIR=${TUNE_LAUNCH_DEV_CLUSTER_STATE:-/run/tune-launch-dev-cluster}
 CLUSTER=localcluster
 MARK="# written by tune-launch slurm/dev-cluster.sh"
@@ -109,6 +111,7 @@ write_conf() {
     cat >"$tmp"
     chmod "$mode" "$tmp"
     chown "$owner" "$tmp"
+    cmp -s "$tmp" "$path" || CHANGED+=("$path")
     mv -f "$tmp" "$path"
 }
 
@@ -144,6 +147,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
 JobRequeue=1
+# Refuse at submission a job the partition can never run (more nodes than it has) instead of pending forever.
+EnforcePartLimits=ALL
 MailProg=/bin/true
 NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001-17002 CPUs=1 RealMemory=2000 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
@@ -178,6 +183,7 @@ start() {
     "$@" </dev/null >>"/var/log/slurm/dev-cluster-$name.out" 2>&1 \
         || die "$name failed to start (exit $?); see /var/log/slurm/dev-cluster-$name.out and its own log"
     mark_started "$name"
+    STARTED_NOW+=" $name"
     wait_for "$WAIT_S" "$name (PID file)" alive "$(pidfile_of "$name")" "$(binary_of "$name")"
 }
 
@@ -222,6 +228,11 @@ cmd_up() {
     wait_for "$WAIT_S" slurmctld sh -c 'scontrol ping | grep -q UP'
     start slurmd-n1 /usr/sbin/slurmd -N n1
     start slurmd-n2 /usr/sbin/slurmd -N n2
+    # A configuration rewritten while the daemons ran: make them read it.
+    if ((${#CHANGED[@]})) && [[ $STARTED_NOW != *slurmctld* ]]; then
+        say "configuration changed (${CHANGED[*]}): scontrol reconfigure"
+        scontrol reconfigure
+    fi
     # A drain left by an earlier bad configuration survives restarts in StateSaveLocation.
     if sinfo -h -N -o '%N %t' | grep -Eq '(drain|drng|down|inval|fail)'; then
         scontrol update nodename=n[1-2] state=resume >/dev/null 2>&1 || true

@@ -1,0 +1,236 @@
+"""SLURM facts as pure functions: node lists, the job's environment, the rendezvous port, per-node launch argv.
+
+Everything here takes its inputs as arguments (the environment as a mapping), so it is tested without a
+cluster; `launch/submit.py` and `slurm/*.sh` are the thin layers that act. Node rank always comes from
+SLURM_NODEID: hostnames can repeat (two slurmd on one machine, containers), so ranks are never derived
+from them.
+
+    python -m launch.slurm output-dir train.yaml [key.sub=value ...]   where the job's logs go (slurm/*.sh)
+    python -m launch.slurm port JOB_ID                                  the rendezvous port of a job
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.errors import TuneLaunchError
+
+PORT_BASE = 20000  # below Linux's ephemeral range (32768+), away from accelerate's 29500 default
+PORT_SPAN = 10000
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+
+
+# --------------------------------------------------------------------------- node lists
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: 'n[1-2],gpu[01,03]' -> ['n[1-2]', 'gpu[01,03]']."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"node list {text!r}: ']' without '['")
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth != 0:
+        raise ValueError(f"node list {text!r}: '[' without ']'")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range(body: str, source: str) -> list[str]:
+    """'01-03,7' -> ['01', '02', '03', '7'] (zero padding kept, as SLURM does)."""
+    out: list[str] = []
+    for item in body.split(","):
+        item = item.strip()
+        if re.fullmatch(r"\d+", item):
+            out.append(item)
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", item)
+        if not m:
+            raise ValueError(f"node list {source!r}: cannot read range {item!r}")
+        lo, hi = m.groups()
+        if int(hi) < int(lo):
+            raise ValueError(f"node list {source!r}: range {item!r} runs backwards")
+        width = len(lo) if lo.startswith("0") else 0
+        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list as hostnames, in order (what `scontrol show hostnames` prints).
+
+    'n[1-2],gpu[01-03]' -> ['n1', 'n2', 'gpu01', 'gpu02', 'gpu03']; 'rack[1-2]-n[1,3]' -> rack1-n1, rack1-n3, ...
+    """
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist.strip()):
+        pieces = _BRACKET.split(part)  # literal, range, literal, range, ..., literal
+        if "[" in "".join(pieces[0::2]) or "]" in "".join(pieces[0::2]):
+            raise ValueError(f"node list {nodelist!r}: nested or unbalanced brackets in {part!r}")
+        choices = [[p] if i % 2 == 0 else _expand_range(p, nodelist) for i, p in enumerate(pieces)]
+        hosts.extend("".join(combo) for combo in itertools.product(*choices))
+    return hosts
+
+
+def port_from_job_id(job_id: str | int) -> int:
+    """The rendezvous port every node of a job computes alike: PORT_BASE + job id mod PORT_SPAN.
+
+    A requeued job keeps its id, hence its port; slurm/*.sh compute the same in bash.
+    """
+    digits = re.match(r"\d+", str(job_id).strip())
+    if not digits:
+        raise TuneLaunchError(f"SLURM job id {job_id!r}: expected a number (SLURM_JOB_ID)")
+    return PORT_BASE + int(digits.group(0)) % PORT_SPAN
+
+
+# --------------------------------------------------------------------------- the job's environment
+
+def _count(raw: str | None) -> int | None:
+    """SLURM counts look like '8', '2(x3)' or '4,4': the first number, or None."""
+    if raw is None:
+        return None
+    m = re.match(r"\s*(\d+)", raw)
+    return int(m.group(1)) if m else None
+
+
+def _gpus_on_node(env: Mapping[str, str]) -> int:
+    """SLURM_GPUS_ON_NODE when set, else the length of the job's GPU index list, else 0."""
+    n = _count(env.get("SLURM_GPUS_ON_NODE"))
+    if n is not None:
+        return n
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        ids = [x for x in env.get(name, "").split(",") if x.strip()]
+        if ids:
+            return len(ids)
+    return 0
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """The allocation this process runs in, read once from SLURM's environment."""
+
+    job_id: str
+    num_nodes: int
+    node_rank: int  # SLURM_NODEID: 0..num_nodes-1, the same on every task of a node
+    nodes: tuple[str, ...]
+    gpus_on_node: int = 0
+    cpus_on_node: int | None = None
+    restart_count: int = 0
+    partition: str | None = None
+    submit_dir: str | None = None
+
+    @property
+    def main_host(self) -> str:
+        """The first host of the allocation: node rank 0 runs there and hosts the rendezvous."""
+        return self.nodes[0]
+
+    @property
+    def main_port(self) -> int:
+        return port_from_job_id(self.job_id)
+
+    @property
+    def nodelist(self) -> str:
+        return ",".join(self.nodes)
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str]) -> SlurmJob | None:
+        """None outside SLURM; a TuneLaunchError naming the variables when they disagree."""
+        job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+        if not job_id:
+            return None
+        raw_list = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+        try:
+            nodes = tuple(expand_nodelist(raw_list))
+        except ValueError as e:
+            raise TuneLaunchError(f"SLURM_JOB_NODELIST: {e}") from None
+        num_nodes = _count(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")) or len(nodes) or 1
+        node_rank = _count(env.get("SLURM_NODEID"))
+        if node_rank is None:
+            node_rank = 0
+        if not nodes:
+            raise TuneLaunchError(f"SLURM job {job_id}: SLURM_JOB_NODELIST is empty; run inside an allocation (sbatch/srun)")
+        if len(nodes) != num_nodes:
+            raise TuneLaunchError(f"SLURM job {job_id}: SLURM_JOB_NUM_NODES={num_nodes} but SLURM_JOB_NODELIST={raw_list!r} "
+                                  f"names {len(nodes)} host(s)")
+        if not 0 <= node_rank < num_nodes:
+            raise TuneLaunchError(f"SLURM job {job_id}: SLURM_NODEID={node_rank} is outside 0..{num_nodes - 1}")
+        return cls(
+            job_id=job_id, num_nodes=num_nodes, node_rank=node_rank, nodes=nodes, gpus_on_node=_gpus_on_node(env),
+            cpus_on_node=_count(env.get("SLURM_CPUS_ON_NODE")), restart_count=_count(env.get("SLURM_RESTART_COUNT")) or 0,
+            partition=env.get("SLURM_JOB_PARTITION") or None, submit_dir=env.get("SLURM_SUBMIT_DIR") or None,
+        )
+
+
+# --------------------------------------------------------------------------- what each node runs
+
+@dataclass(frozen=True)
+class NodeLaunch:
+    """What one tune-launch per node is told: the same on every node except the node rank."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+    profile: str = "auto"
+    cpu_processes: int = 1  # processes per node on CPU nodes (no GPU in the allocation)
+
+
+def node_argv(launch: NodeLaunch, job: SlurmJob, tune_launch: Sequence[str] = ("tune-launch",)) -> list[str]:
+    """`tune-launch ... --nodes N --node-rank R --main-process-ip HOST0 --main-process-port P config overrides`.
+
+    GPU nodes run one process per GPU SLURM gave this node; CPU nodes run `--cpu --num-processes K` (gloo).
+    """
+    argv = list(tune_launch)
+    if launch.profile != "auto":
+        argv += ["--profile", launch.profile]
+    if job.gpus_on_node > 0:
+        argv += ["--gpus", str(job.gpus_on_node)]
+    else:
+        argv += ["--cpu", "--num-processes", str(launch.cpu_processes)]
+    argv += ["--nodes", str(job.num_nodes), "--node-rank", str(job.node_rank),
+             "--main-process-ip", job.main_host, "--main-process-port", str(job.main_port),
+             launch.config, *launch.overrides]
+    return argv
+
+
+def log_paths(output_dir: str | Path, job_id: str, node_rank: int) -> dict[str, Path]:
+    """Per-node logs side by side in output_dir/logs: SLURM's output of the node's task and the training log."""
+    logs = Path(output_dir) / "logs"
+    return {"slurm": logs / f"slurm-{job_id}-node{node_rank}.out", "training": logs / f"node{node_rank}.log"}
+
+
+# --------------------------------------------------------------------------- helpers for slurm/*.sh
+
+def output_dir_of(config: str, overrides: Sequence[str]) -> str:
+    """The YAML's output_dir (after overrides), without touching the model or data files."""
+    from training.config import load_config
+
+    return str(load_config(config, list(overrides), check_files=False).output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(args) >= 2 and args[0] == "output-dir":
+            print(output_dir_of(args[1], args[2:]))
+            return 0
+        if len(args) == 2 and args[0] == "port":
+            print(port_from_job_id(args[1]))
+            return 0
+    except TuneLaunchError as e:
+        print(f"tune-launch: error: {e}", file=sys.stderr)
+        return 2
+    print("usage: python -m launch.slurm output-dir train.yaml [key.sub=value ...] | port JOB_ID", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
