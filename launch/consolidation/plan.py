@@ -122,8 +122,8 @@ def plan_model(src: Source, dtype: str, tied: dict[str, str], lora_scale=None, f
         out.append(OutputTensor(name, t.shape, _target(t, dtype), t.name, lora, fan_in_fan_out))
     ties = {**tied}
     names = {t.name for t in out}
-    dropped = {k: v for k, v in ties.items() if k in names and v in names}
-    return [t for t in out if t.name not in dropped], dropped
+    tied = {k: v for k, v in ties.items() if v in names and k != v}  # written once (the kept name), tied on load
+    return [t for t in out if t.name not in tied], tied
 
 
 def plan_adapter(src: Source, dtype: str) -> list[OutputTensor]:

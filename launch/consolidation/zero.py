@@ -121,6 +121,11 @@ def _check_same_run(zero_dir: Path, ranks: dict[int, Path], optims: list, models
     if len(steps) > 1 or len(shapes) > 1:
         raise ConsolidateError(f"{zero_dir}: the model_states files come from different saves (global steps "
                                f"{sorted(map(str, steps))}); use one checkpoint's files")
+    adam_steps = [_optimizer_step(o) for o in optims]
+    if len({x for x in adam_steps if x is not None}) > 1:
+        raise ConsolidateError(f"{zero_dir}: the optimizer files come from different steps ("
+                               + ", ".join(f"{ranks[r].name}: step {x}" for r, x in enumerate(adam_steps))
+                               + "); the files of different saves are mixed, use one checkpoint's files")
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     sizes = [[g.numel for g in o["optimizer_state_dict"][key]] for o in optims]
     if any(s != sizes[0] for s in sizes):
@@ -222,3 +227,26 @@ def _zero2_trainable(m0: dict, optims: list, world: int, zero_dir: Path) -> list
             raise ConsolidateError(f"{zero_dir}: group {gi} needs {offset} elements, the partitions hold "
                                    f"{sum(p.numel for p in parts)}; model and optimizer files do not match")
     return out
+
+
+def _optimizer_step(optim: dict) -> float | None:
+    """The optimizer's step count saved by this rank (Adam's `step`), read from its 4-8 bytes; None if absent."""
+    osd = optim.get("optimizer_state_dict") or {}
+    state = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict") or {}
+    per_param = state.get("state") if isinstance(state, dict) else None
+    if isinstance(state, list):  # ZeRO-3 keeps one optimizer state per sub-group
+        per_param = (state[0] or {}).get("state") if state and isinstance(state[0], dict) else None
+    if not isinstance(per_param, dict) or not per_param:
+        return None
+    step = next(iter(per_param.values())).get("step") if isinstance(next(iter(per_param.values())), dict) else None
+    if isinstance(step, (int, float)):
+        return float(step)
+    if isinstance(step, TensorRef) and step.numel == 1:
+        from launch.consolidation.torchzip import MappedFile
+
+        f = MappedFile(step.path)
+        try:
+            return float(f.view(step).clone()[0])
+        finally:
+            f.close()
+    return None
