@@ -64,9 +64,9 @@ def build_model(cfg: TrainingConfig, tokenizer, device: str):
 
     m = cfg.model
     dtype = torch_dtype(cfg, device)
-    kwargs: dict[str, Any] = {}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
+    from training.perf import DeviceFacts, model_load_kwargs
+
+    kwargs: dict[str, Any] = model_load_kwargs(cfg, DeviceFacts.probe(device))  # attention for packed rows
     if m.from_scratch:
         config = model_config(m, len(tokenizer))
         config.pad_token_id = tokenizer.pad_token_id

@@ -59,6 +59,10 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
         ddp_find_unused_parameters=False if info.distributed else None,
         **precision_flags(cfg, info.device),
     )
+    if info.device == "cuda":  # the GPU fast path: fused AdamW, Liger, compile where it pays (training/perf.py)
+        from training.perf import DeviceFacts, gpu_training_kwargs
+
+        kwargs.update(gpu_training_kwargs(cfg, DeviceFacts.probe("cuda"), info.profile))
     if sft:
         kwargs.update(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
                       dataset_text_field="text", dataset_num_proc=cfg.data.num_proc)
@@ -156,6 +160,7 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
     else:
         from training.data import collator_for
         from training.model import lora_config
+        from training.perf import DeviceFacts, wrap_collator
 
         lc = lora_config(cfg)
         if lc is not None:
@@ -163,7 +168,7 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
 
             model = get_peft_model(model, lc)
         trainer = PretrainTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, data_collator=collator_for(cfg, tokenizer),
+                                  processing_class=tokenizer, data_collator=wrap_collator(collator_for(cfg, tokenizer), cfg, DeviceFacts.probe(info.device)),
                                   callbacks=callbacks)
     trainer.pop_callback(PrinterCallback)  # MetricsCallback prints metrics, tagged, on the main process
     if trainer.pop_callback(ProgressCallback) is not None:
