@@ -6,7 +6,7 @@ SLURM_NODEID: hostnames can repeat (two slurmd on one machine, containers), so r
 from them.
 
     python -m launch.slurm output-dir train.yaml [key.sub=value ...]   where the job's logs go (slurm/*.sh)
-    python -m launch.slurm port JOB_ID                                  the rendezvous port of a job
+    python -m launch.slurm port JOB_ID [RESTARTS]                                the rendezvous port of a job
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from launch.errors import TuneLaunchError
 
 PORT_BASE = 20000  # below Linux's ephemeral range (32768+), away from accelerate's 29500 default
 PORT_SPAN = 10000
+RESTART_STRIDE = 1000
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -82,15 +83,16 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def port_from_job_id(job_id: str | int) -> int:
-    """The rendezvous port every node of a job computes alike: PORT_BASE + job id mod PORT_SPAN.
+def port_from_job_id(job_id: str | int, restart_count: int = 0) -> int:
+    """The rendezvous port every node of a job computes alike: PORT_BASE + (job id + 1000 x restarts) mod PORT_SPAN.
 
-    A requeued job keeps its id, hence its port; slurm/*.sh compute the same in bash.
+    A requeued job keeps its id but not its port: the previous run's connections to the old port linger in
+    TIME_WAIT for a minute. slurm/*.sh compute the same in bash.
     """
     digits = re.match(r"\d+", str(job_id).strip())
     if not digits:
         raise TuneLaunchError(f"SLURM job id {job_id!r}: expected a number (SLURM_JOB_ID)")
-    return PORT_BASE + int(digits.group(0)) % PORT_SPAN
+    return PORT_BASE + (int(digits.group(0)) + RESTART_STRIDE * max(restart_count, 0)) % PORT_SPAN
 
 
 # --------------------------------------------------------------------------- the job's environment
@@ -136,7 +138,7 @@ class SlurmJob:
 
     @property
     def main_port(self) -> int:
-        return port_from_job_id(self.job_id)
+        return port_from_job_id(self.job_id, self.restart_count)
 
     @property
     def nodelist(self) -> str:
@@ -222,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) >= 2 and args[0] == "output-dir":
             print(output_dir_of(args[1], args[2:]))
             return 0
-        if len(args) == 2 and args[0] == "port":
-            print(port_from_job_id(args[1]))
+        if len(args) in (2, 3) and args[0] == "port":
+            print(port_from_job_id(args[1], int(args[2]) if len(args) == 3 and args[2].isdigit() else 0))
             return 0
     except TuneLaunchError as e:
         print(f"tune-launch: error: {e}", file=sys.stderr)
         return 2
-    print("usage: python -m launch.slurm output-dir train.yaml [key.sub=value ...] | port JOB_ID", file=sys.stderr)
+    print("usage: python -m launch.slurm output-dir train.yaml [key.sub=value ...] | port JOB_ID [RESTARTS]", file=sys.stderr)
     return 2
 
 

@@ -11,7 +11,8 @@
 # gloo processes each: `sbatch --gpus-per-node=0 ...` on a CPU partition, e.g. the dev cluster (slurm/dev-cluster.sh).
 #
 # Rendezvous: node rank = SLURM_NODEID (never hostnames: they can repeat), main address = first host of the
-# allocation, port = 20000 + job id % 10000 (launch/slurm.py computes the same).
+# allocation, port = 20000 + (job id + 1000 x restarts) % 10000 (launch/slurm.py computes the same; a requeued
+# run gets a new port, the old one lingers in TIME_WAIT).
 # Preemption / time limit: USR1 reaches every process of the job 120 s before the limit (and on
 # `scancel --signal=USR1 JOB`); every rank saves one atomic checkpoint, node 0 runs `scontrol requeue`, and
 # the requeued job (same id, same command) resumes from that checkpoint. SIGTERM (preemption) does the same.
@@ -52,7 +53,7 @@ OUTPUT_DIR=$("$PYTHON" -m launch.slurm output-dir "$CONFIG" "$@")
 mkdir -p "$OUTPUT_DIR/logs"
 
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-MAIN_PORT=$((20000 + SLURM_JOB_ID % 10000))
+MAIN_PORT=$((20000 + (SLURM_JOB_ID + 1000 * ${SLURM_RESTART_COUNT:-0}) % 10000))
 NUM_NODES=$SLURM_JOB_NUM_NODES
 export TUNE_LAUNCH TUNE_LAUNCH_CPU_PROCESSES=${TUNE_LAUNCH_CPU_PROCESSES:-1}
 echo "[slurm] $(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NUM_NODES node(s) $SLURM_JOB_NODELIST," \
@@ -70,6 +71,9 @@ srun --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 --kill-on-ba
     CORES=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / PROCS > 0 ? CORES / PROCS : 1 ))}
     echo "[slurm] $(date +%T) node $SLURM_NODEID of $SLURM_JOB_NUM_NODES on $SLURMD_NODENAME (restart ${SLURM_RESTART_COUNT:-0})"
+    # USR1 reaches every process of the job. Started with it ignored, accelerate/torchrun (which would die of it)
+    # keep ignoring it; tune-launch and the training ranks install their own handlers.
+    trap "" USR1
     exec "$TUNE_LAUNCH" "${DEVICES[@]}" --nodes "$SLURM_JOB_NUM_NODES" --node-rank "$SLURM_NODEID" \
          --main-process-ip "$0" --main-process-port "$1" "${@:2}"
   ' "$MAIN_HOST" "$MAIN_PORT" "$CONFIG" "$@"
