@@ -75,7 +75,7 @@ def test_log_on_each_node(tiny_model_dir, tmp_path, on_each_node):
     cfg = write_yaml(tmp_path / "t.yaml", tiny_config(tiny_model_dir, tmp_path / "out", train={"max_steps": 2},
                                                        logging={"log_on_each_node": on_each_node, "log_level": "info"}))
     port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNE_LAUNCH_SHARED_FS": "1"}  # both "nodes" share this disk
     procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", "--cpu", "--num-processes", "1", "--nodes", "2",
                                "--node-rank", str(r), "--main-process-ip", "127.0.0.1", "--main-process-port", port,
                                "--profile", "ddp", str(cfg)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
