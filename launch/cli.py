@@ -97,7 +97,7 @@ def _request(args: argparse.Namespace, planning: bool):
 def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool):
     from launch.plan import make_plan
     from launch.profiles import get_profile
-    from training.config import load_config
+    from training.config import check_device, load_config
 
     if args.profile != "auto":
         get_profile(args.profile)  # unknown names fail before anything slow
@@ -113,7 +113,9 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool)
     if needs_facts:
         from launch.model_facts import model_facts
         facts = model_facts(cfg.model)
-    return make_plan(request, cfg, hw, facts), facts, hw, cfg
+    plan = make_plan(request, cfg, hw, facts)
+    check_device(cfg, plan.device, str(request.config_path))
+    return plan, facts, hw, cfg
 
 
 # --------------------------------------------------------------------------- subcommands

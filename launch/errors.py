@@ -6,10 +6,22 @@ import difflib
 from collections.abc import Iterable
 
 
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_ESCAPE_BREAKS = {ord(c): c.encode("unicode_escape").decode() for c in _LINE_BREAKS}
+
+
+def one_line(text: str) -> str:
+    """Escape every character str.splitlines() breaks on, so user text echoed in a message keeps it one line."""
+    return text.translate(_ESCAPE_BREAKS)
+
+
 class TuneLaunchError(Exception):
-    """A user-facing error: a clear sentence naming the field or file and what to do."""
+    """A user-facing error: a clear sentence naming the field or file and what to do (always one line)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 def nearest(name: str, valid: Iterable[str]) -> str | None:

@@ -60,6 +60,7 @@ class Probes:
     num_params: int | None = None
     trainable_params: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    nodes_share_machine: bool | None = None  # node 0's address is a loopback address: every "node" is this machine
 
 
 # --------------------------------------------------------------------------- helpers (pure)
@@ -224,7 +225,7 @@ def check_output_dir(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | 
                        "the first checkpoint would fail after the whole warm-up",
                        "point output_dir at a writable folder (output_dir=... override) or fix its permissions")
     fs = (probes.output_fs_type or "").lower()
-    if plan.nodes > 1 and fs in LOCAL_FS_TYPES and probes.env.get(SHARED_FS_ENV) != "1":
+    if plan.nodes > 1 and fs in LOCAL_FS_TYPES and probes.env.get(SHARED_FS_ENV) != "1" and not probes.nodes_share_machine:
         return Finding("output-dir", "error",
                        f"output_dir {cfg.output_dir} is on a local {fs} filesystem but {plan.nodes} nodes write "
                        "checkpoint shards into it: each node would hold a different part and resume would fail",
@@ -280,6 +281,16 @@ def evaluate(cfg: Any, plan: Any, hw: Any, probes: Probes) -> list[Finding]:
 
 
 # --------------------------------------------------------------------------- probing (the only side effects)
+
+def resolves_to_loopback(host: str | None) -> bool | None:
+    """True when `host` (node 0) is this machine's loopback, as on a one-machine dev cluster; None if unresolvable."""
+    if not host:
+        return None
+    try:
+        return socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        return None
+
 
 def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -377,6 +388,7 @@ def gather_probes(cfg: Any, plan: Any, env: Mapping[str, str], facts: Any = None
         num_params=getattr(facts, "num_params", None),
         trainable_params=getattr(facts, "lora_params", None) or None,
         env=dict(env),
+        nodes_share_machine=resolves_to_loopback(plan.main_process_ip) if plan.nodes > 1 else None,
     )
 
 
