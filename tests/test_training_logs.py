@@ -92,3 +92,17 @@ def test_log_on_each_node(tiny_model_dir, tmp_path, on_each_node):
         assert node1_info == []
         assert not node1_file.exists() or " INFO " not in node1_file.read_text()
     assert " INFO " in (tmp_path / "out" / "logs" / "node0.log").read_text()
+
+
+def test_secrets_are_redacted_in_console_and_node_log(tmp_path, capsys):
+    from training.logs import close_logging, setup_logging
+
+    logger = setup_logging(plan_logging(RankInfo(), "info", "warning", True, str(tmp_path)))
+    try:
+        logger.info("pushing with token %s to the hub", "hf_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3")
+        logger.info("wandb key sk-%s", "x" * 24)
+    finally:
+        close_logging(logger)
+    text = (tmp_path / "logs" / "node0.log").read_text() + capsys.readouterr().err
+    assert "hf_a1B2c3D4e5F6g7H8i9J0k1L2m3" not in text and "x" * 24 not in text
+    assert text.count("hf_***") == 2 and "sk-***" in text  # file + console

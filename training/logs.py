@@ -55,6 +55,19 @@ class _DropReplicaWarnings(logging.Filter):
         return self.keep or record.name != "py.warnings"
 
 
+class _RedactSecrets(logging.Filter):
+    """Mask anything that looks like a token or key (hf_..., sk-..., AKIA...) before it reaches a log line or file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from launch.command import redact
+
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 def setup_logging(plan: LogPlan) -> logging.Logger:
     """Install the tagged handlers on our logger and the libraries' loggers (idempotent)."""
     fmt = logging.Formatter(FORMAT.format(tag=plan.tag), datefmt="%H:%M:%S")
@@ -66,6 +79,7 @@ def setup_logging(plan: LogPlan) -> logging.Logger:
     for h in handlers:
         h.setFormatter(fmt)
         h.addFilter(_DropReplicaWarnings(keep_warnings))
+        h.addFilter(_RedactSecrets())
     logging.captureWarnings(True)
     _install_transformers(handlers, plan.level)
     for name in LIBRARY_LOGGERS:

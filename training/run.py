@@ -20,14 +20,21 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
     lg = cfg.logging
     logger = setup_logging(plan_logging(info, lg.log_level, lg.log_level_replica, lg.log_on_each_node, str(out)))
     t_start = time.perf_counter()
+    finished = False
     try:
-        return _run(cfg, info, out, logger, t_start)
+        code = _run(cfg, info, out, logger, t_start)
+        finished = True
+        return code
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    except Exception as e:  # noqa: BLE001 - a crash on one rank: name it, and do not wait for peers that may be stuck
+        log.exception("rank %d failed: %s: %s", info.rank, type(e).__name__, e)
+        return 1
     finally:
         close_logging(logger)
-        teardown()
+        if finished:
+            teardown()  # a barrier after a failure would wait forever for a peer stuck in a collective
 
 
 def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger, t_start: float) -> int:
