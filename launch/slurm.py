@@ -183,6 +183,7 @@ class NodeLaunch:
     overrides: tuple[str, ...] = ()
     profile: str = "auto"
     cpu_processes: int = 1  # processes per node on CPU nodes (no GPU in the allocation)
+    gpus_per_node: int = 0  # outside SLURM only (submit --local); inside, SLURM_GPUS_ON_NODE decides
 
 
 def node_argv(launch: NodeLaunch, job: SlurmJob, tune_launch: Sequence[str] = ("tune-launch",)) -> list[str]:
@@ -207,6 +208,131 @@ def log_paths(output_dir: str | Path, job_id: str, node_rank: int) -> dict[str, 
     """Per-node logs side by side in output_dir/logs: SLURM's output of the node's task and the training log."""
     logs = Path(output_dir) / "logs"
     return {"slurm": logs / f"slurm-{job_id}-node{node_rank}.out", "training": logs / f"node{node_rank}.log"}
+
+
+def omp_threads(cores: int | None, processes: int) -> int:
+    """Threads per process from the cores SLURM gave this node (never the machine's: no oversubscription)."""
+    return max(1, (cores or 1) // max(processes, 1))
+
+
+# --------------------------------------------------------------------------- submission (tune-launch submit)
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+(?::\d+){0,2})$")
+
+
+def parse_time_minutes(text: str) -> int:
+    """sbatch --time forms as whole minutes (seconds round up): M, M:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS."""
+    m = _TIME.match(str(text).strip())
+    if not m:
+        raise TuneLaunchError(f"--time {text!r}: use minutes (90), H:MM:SS (1:30:00) or D-HH:MM:SS (2-00:00:00)")
+    days, rest = m.groups()
+    parts = [int(x) for x in rest.split(":")]
+    if days is None:
+        h, mi, sec = ([0] * (3 - len(parts)) + parts) if len(parts) == 3 else (0, parts[0], parts[1] if len(parts) == 2 else 0)
+    else:
+        h, mi, sec = (parts + [0, 0])[:3]
+    minutes = int(days or 0) * 1440 + h * 60 + mi + (1 if sec else 0)
+    if minutes < 1:
+        raise TuneLaunchError(f"--time {text!r}: must be at least one minute")
+    return minutes
+
+
+@dataclass(frozen=True)
+class SubmitSpec:
+    """A `tune-launch submit` request, validated: what the sbatch script and each node's task are made of."""
+
+    launch: NodeLaunch
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    job_name: str = "tune-launch"
+    signal_delay_s: int = 120
+    extra: tuple[tuple[str, str], ...] = ()  # further sbatch options, e.g. (("qos", "high"),)
+    setup: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "time_min"):
+            if getattr(self, name) < 1:
+                raise TuneLaunchError(f"--{name.replace('_min', '').replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.gpus_per_node < 0:
+            raise TuneLaunchError(f"--gpus-per-node {self.gpus_per_node}: must be 0 (CPU nodes) or more")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise TuneLaunchError(f"--cpus-per-task {self.cpus_per_task}: must be at least 1")
+        if not 0 < self.signal_delay_s < self.time_min * 60:
+            raise TuneLaunchError(f"--signal-delay {self.signal_delay_s}: must be between 1 s and the time limit "
+                                  f"({self.time_min * 60} s); the checkpoint must fit in it")
+
+
+# The checkpoint signal: submitit's own default (USR2) would kill accelerate/torchrun and the ranks, which get it
+# too (SLURM signals every process of a step). USR1 is what tune-launch and the training script handle.
+PREEMPT_SIGNAL = "USR1"
+
+
+def parse_sbatch_options(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """['qos=high', 'constraint=a100', 'exclusive'] -> (('qos', 'high'), ...); a bare flag gets value ''."""
+    out = []
+    for item in items:
+        key, _, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
+            raise TuneLaunchError(f"--sbatch {item!r}: expected an sbatch option as key=value, e.g. --sbatch qos=high")
+        out.append((key.replace("_", "-"), value))
+    return tuple(out)
+
+
+def sbatch_parameters(spec: SubmitSpec) -> dict:
+    """submitit's SlurmExecutor parameters (its `_make_sbatch_string` keywords) for a submission."""
+    params: dict = {
+        "job_name": spec.job_name,
+        "nodes": spec.nodes,
+        "ntasks_per_node": 1,  # one tune-launch per node; it starts the per-GPU processes itself
+        "time": spec.time_min,
+        "signal_delay_s": spec.signal_delay_s,
+        "stderr_to_stdout": False,
+        "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}", *spec.setup],
+        "additional_parameters": {"requeue": True, "signal": f"{PREEMPT_SIGNAL}@{spec.signal_delay_s}",
+                                  **{k: (v if v != "" else True) for k, v in spec.extra}},
+    }
+    if spec.gpus_per_node:
+        params["gpus_per_node"] = spec.gpus_per_node
+    if spec.cpus_per_task:
+        params["cpus_per_task"] = spec.cpus_per_task
+    if spec.partition:
+        params["partition"] = spec.partition
+    if spec.account:
+        params["account"] = spec.account
+    return params
+
+
+def partition_sizes(sinfo: str) -> tuple[dict[str, int], str | None]:
+    """`sinfo -h -o '%P %D'` -> ({partition: nodes}, default partition); a partition's rows are summed."""
+    sizes: dict[str, int] = {}
+    default = None
+    for line in sinfo.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            continue
+        name = parts[0]
+        if name.endswith("*"):
+            name = name[:-1]
+            default = name
+        sizes[name] = sizes.get(name, 0) + int(parts[1])
+    return sizes, default
+
+
+def check_partition(spec: SubmitSpec, sizes: Mapping[str, int], default: str | None) -> None:
+    """A job asking for more nodes than its partition has would pend forever: refuse it before sbatch."""
+    name = spec.partition or default
+    if name is None:
+        return
+    if name not in sizes:
+        raise TuneLaunchError(f"--partition {name}: no such partition here; partitions: {', '.join(sorted(sizes)) or 'none'}")
+    if spec.nodes > sizes[name]:
+        raise TuneLaunchError(f"--nodes {spec.nodes}: partition {name} has {sizes[name]} node(s); "
+                              f"ask for at most {sizes[name]}, or pick a larger --partition")
 
 
 # --------------------------------------------------------------------------- helpers for slurm/*.sh
