@@ -1,8 +1,9 @@
 """Per-GPU peak memory of a training step, for every profile. Pure arithmetic on `ModelFacts`.
 
 Model states (bytes per parameter, N = world size, Psi = parameters):
-- Trainer with accelerate autocast (single GPU, DDP, FSDP): fp32 weights 4, fp32 grads 4, AdamW 8.
-  FSDP divides all three by N and adds the bf16 copy of the blocks being gathered.
+- Single GPU, DDP, FSDP in bf16: the training script loads weights in bf16 (pure bf16, as torchtune does), so
+  weights 2, grads 2, AdamW moments 4. With fp32 master weights (fp32 or fp16 precision, or model.dtype float32):
+  4 / 4 / 8. FSDP divides all three by N and adds the blocks being gathered.
 - DeepSpeed bf16/fp16: 16-bit weights 2, 16-bit grads 2, fp32 master + AdamW 12 (the ZeRO paper's K=12).
   ZeRO-2 divides grads and the 12 by N, ZeRO-3 all of them. fp32 training: 4 / 4 / 8.
 - LoRA: frozen base weights in the compute dtype (2 bytes; QLoRA about 0.516 for 4-bit NF4 with double quant)
@@ -34,6 +35,7 @@ class Workload:
     micro_batch_size: int
     seq_len: int
     precision: str = "bf16"  # bf16 | fp16 | fp32
+    master_weights: bool = False  # fp32 weights under autocast (fp16, fp32, or model.dtype float32)
     finetune: str = "full"  # full | lora | qlora
     gradient_checkpointing: bool = False
     fused_cross_entropy: bool = False
@@ -69,13 +71,15 @@ class MemoryEstimate:
         return self.cpu_ram / GIB
 
 
-def state_bytes_per_param(profile: Profile, precision: str) -> tuple[float, float, float]:
+def state_bytes_per_param(profile: Profile, precision: str, master_weights: bool = False) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes per trainable parameter before sharding."""
     if precision == "fp32":
         return 4.0, 4.0, 8.0
     if profile.strategy == "deepspeed":
-        return 2.0, 2.0, 12.0
-    return 4.0, 4.0, 8.0
+        return 2.0, 2.0, 12.0  # DeepSpeed keeps an fp32 master copy next to Adam's moments
+    if master_weights or precision == "fp16":
+        return 4.0, 4.0, 8.0
+    return 2.0, 2.0, 4.0
 
 
 def activation_bytes_per_token(facts: ModelFacts, checkpointing: bool, precision: str) -> float:
@@ -99,7 +103,7 @@ def estimate_memory(profile: Profile, facts: ModelFacts, world_size: int, gpus_p
     """Per-GPU peak bytes of `profile` training `facts` with `world_size` processes."""
     n = max(world_size, 1)
     psi = facts.num_params
-    w_b, g_b, o_b = state_bytes_per_param(profile, workload.precision)
+    w_b, g_b, o_b = state_bytes_per_param(profile, workload.precision, workload.master_weights)
     compute_bytes = 4.0 if workload.precision == "fp32" else 2.0
 
     if workload.finetune == "full":

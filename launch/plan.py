@@ -115,8 +115,9 @@ def workload_for(cfg, placement: Placement, hw: Hardware, micro_batch: int | Non
     liger = cfg.train.use_liger_kernel
     fused = liger is True or (liger == "auto" and placement.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None)
     mb = micro_batch if micro_batch is not None else (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
+    master = precision in ("fp32", "fp16") or model.dtype == "float32"
     return Workload(micro_batch_size=mb, seq_len=cfg.max_length, precision=precision, finetune=finetune,
-                    gradient_checkpointing=checkpointing, fused_cross_entropy=fused)
+                    gradient_checkpointing=checkpointing, fused_cross_entropy=fused, master_weights=master)
 
 
 def make_plan(request: LaunchRequest, cfg, hw: Hardware, facts: ModelFacts | None) -> LaunchPlan:

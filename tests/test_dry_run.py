@@ -82,7 +82,7 @@ def test_auto_settings_are_appended_as_overrides(tmp_path):
     cfg = load_config(yaml_path, ["optim.learning_rate=1e-5"])
     plan = make_plan(LaunchRequest(config_path=yaml_path, overrides=("optim.learning_rate=1e-5",), hardware_given=True,
                                    main_process_port=1234), cfg, load_hardware(_write_hw(tmp_path, "8x80")), model_facts(cfg.model))
-    assert build_command(plan)[-3:] == ["optim.learning_rate=1e-5", "train.micro_batch_size=2", "train.gradient_checkpointing=false"]
+    assert build_command(plan)[-3:] == ["optim.learning_rate=1e-5", "train.micro_batch_size=1", "train.gradient_checkpointing=false"]
 
 
 def test_cpu_rehearsal_command(tmp_path):

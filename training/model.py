@@ -15,14 +15,16 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def torch_dtype(cfg: TrainingConfig, device: str):
-    """Weights dtype: the YAML's, else fp32 on CPU or with fp32 precision, else bf16 on GPU."""
+    """Weights dtype: the YAML's, else bf16 on a GPU (pure bf16), else fp32.
+
+    fp16 keeps fp32 weights: the GradScaler refuses to unscale fp16 gradients, so fp16 is autocast over fp32."""
     import torch
 
     if cfg.model.dtype != "auto":
         return getattr(torch, cfg.model.dtype)
-    if device == "cpu" or cfg.train.precision == "fp32":
+    if device == "cpu" or cfg.train.precision in ("fp32", "fp16"):
         return torch.float32
-    return torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16
+    return torch.bfloat16
 
 
 def model_config(m: ModelConfig, vocab_size: int | None):
