@@ -130,16 +130,19 @@ def _producer(source: Source, files: FileCache):
 
     by_name = source.by_name()
 
-    def produce(t: OutputTensor):
+    def produce(t: OutputTensor, out=None):
         dtype = getattr(torch, t.dtype)
         if t.lora is None:
-            return assemble(by_name[t.source], files, dtype)
+            return assemble(by_name[t.source], files, dtype, out)
         base = assemble(by_name[t.source], files, torch.float32)
         a = assemble(by_name[t.lora[0]], files, torch.float32)
         b = assemble(by_name[t.lora[1]], files, torch.float32)
         delta = (b @ a) * t.lora[2]  # peft's get_delta_weight, computed in fp32
         base += delta.T if t.transpose_delta else delta
-        return base.to(dtype)
+        if out is None:
+            return base.to(dtype)
+        out.view(base.shape).copy_(base)
+        return out.view(base.shape)
 
     return produce
 

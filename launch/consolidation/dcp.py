@@ -87,7 +87,7 @@ def _chunk_ref(dcp_dir: Path, info, dtype: str, sizes: tuple[int, ...], fqn: str
     size = path.stat().st_size
     if info.offset + info.length > size:
         raise ConsolidateError(f"truncated shard {path}: {fqn} needs bytes up to {info.offset + info.length}, "
-                               f"the file has {size}; copy the file again or use an earlier checkpoint")
+                               f"the file has {size} (truncated, or written by a different save); copy this save's file again")
     with open(path, "rb") as fh:
         fh.seek(info.offset)
         magic = fh.read(4)

@@ -90,6 +90,10 @@ def config_dtype(config: dict) -> str | None:
 
 def tied_keys(config_path: Path) -> tuple[dict[str, str], set[str] | None]:
     """{tied name: kept name} and the expected parameter names, from the model class built on the meta device."""
+    raw = json.loads(config_path.read_text())
+    declared = [c.get("tie_word_embeddings") for c in (raw, raw.get("text_config") or {}) if "tie_word_embeddings" in c]
+    if declared and not any(declared):
+        return {}, None  # declared untied: no class lookup needed (saves importing transformers, ~2 s)
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,7 +1,8 @@
 """Safetensors files written by streaming: header first (known from the plan), then each tensor's bytes.
 
-A background thread writes and hashes tensor N while the caller assembles tensor N+1; a semaphore
-keeps at most two tensors alive, so memory stays near two tensors whatever the model size.
+A background thread writes and hashes tensor N while the caller assembles tensor N+1 into the other of
+two pooled buffers (sized to the largest tensor), so memory stays near two tensors whatever the model
+size, and no page is faulted in twice.
 Every file is fsynced; the SHA-256 of each file is computed from the bytes as they are written.
 """
 
@@ -39,6 +40,8 @@ def tensor_bytes(t):
 
 
 class _FileSink:
+    """Writes a buffer to the file while a second thread hashes the same buffer (both release the GIL)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fh = open(path, "wb")
@@ -46,9 +49,16 @@ class _FileSink:
         self.written = 0
 
     def write(self, buf) -> None:
-        self.fh.write(buf)
-        self.sha.update(buf)
-        self.written += len(memoryview(buf).cast("B"))
+        view = memoryview(buf).cast("B")
+        if len(view) < (8 << 20):
+            self.fh.write(view)
+            self.sha.update(view)
+        else:
+            hasher = threading.Thread(target=self.sha.update, args=(view,))
+            hasher.start()
+            self.fh.write(view)
+            hasher.join()
+        self.written += len(view)
 
     def finish(self) -> str:
         self.fh.flush()
@@ -57,11 +67,16 @@ class _FileSink:
         return self.sha.hexdigest()
 
 
-def write_shards(shards: list[Shard], folder: Path, produce: Callable[[OutputTensor], object],
+def write_shards(shards: list[Shard], folder: Path, produce: Callable[..., object],
                  on_tensor: Callable[[OutputTensor], None] | None = None) -> dict[str, str]:
-    """Write every shard into `folder`; `produce(t)` returns tensor t in its output dtype. -> {file: sha256}."""
+    """Write every shard into `folder`; `produce(t, out)` fills flat buffer `out` with tensor t. -> {file: sha256}."""
+    import torch
+
     work: queue.Queue = queue.Queue()
-    slots = threading.Semaphore(2)
+    largest = max((t.nbytes for s in shards for t in s.tensors), default=0)
+    pool: queue.Queue = queue.Queue()
+    for _ in range(2):
+        pool.put(torch.empty(max(largest, 8), dtype=torch.uint8))
     hashes: dict[str, str] = {}
     failure: list[BaseException] = []
 
@@ -79,7 +94,7 @@ def write_shards(shards: list[Shard], folder: Path, produce: Callable[[OutputTen
                     sink = _FileSink(folder / payload[0])
                     sink.write(payload[1])
                 elif kind == "tensor":
-                    spec, tensor = payload
+                    spec, tensor, _buf = payload
                     buf = tensor_bytes(tensor)
                     if len(buf) != spec.nbytes:
                         raise ConsolidateError(f"{spec.name}: produced {len(buf)} bytes, planned {spec.nbytes}")
@@ -93,7 +108,7 @@ def write_shards(shards: list[Shard], folder: Path, produce: Callable[[OutputTen
                 failure.append(e)
             finally:
                 if item is not None and item[0] == "tensor":
-                    slots.release()
+                    pool.put(item[1][2])
 
     thread = threading.Thread(target=writer, name="safetensors-writer", daemon=True)
     thread.start()
@@ -101,17 +116,17 @@ def write_shards(shards: list[Shard], folder: Path, produce: Callable[[OutputTen
         for shard in shards:
             work.put(("open", (shard.file, header_bytes(shard.tensors))))
             for spec in shard.tensors:
-                slots.acquire()
+                buf = pool.get()
                 if failure:
-                    slots.release()
+                    pool.put(buf)
                     break
                 try:
-                    tensor = produce(spec)
+                    tensor = produce(spec, buf[:spec.nbytes].view(getattr(torch, spec.dtype)))
                 except BaseException:
-                    slots.release()
+                    pool.put(buf)
                     raise
-                work.put(("tensor", (spec, tensor)))
-                del tensor
+                work.put(("tensor", (spec, tensor, buf)))
+                del tensor, buf
             work.put(("close", None))
             if failure:
                 break
