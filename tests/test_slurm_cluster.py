@@ -1,0 +1,134 @@
+"""On a real two-node SLURM cluster (slurm/dev-cluster.sh: n1 and n2, one CPU each, slurmdbd for sacct):
+the embedded default example trains on 2 nodes x 1 gloo process through `sbatch slurm/multi_node.sh` and through
+`tune-launch submit`; the pre-timeout signal checkpoints, requeues and resumes on both paths; bad input ends the
+job with a clear message and a non-zero exit instead of a hang. Skipped off CI when SLURM cannot be started."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_fixtures import (ROOT, sacct_field, sacct_states, sbatch, slurm_cluster, tails, wait_for_text,  # noqa: F401
+                            wait_job)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+EXAMPLE = ROOT / "examples" / "pretrain-tiny.yaml"
+MULTI = ROOT / "slurm" / "multi_node.sh"
+DEV_NODES = ("--gpus-per-node=0", "--cpus-per-task=1")  # the dev cluster's nodes: one CPU, no GPU
+
+
+def overrides(out: Path, steps: int) -> list[str]:
+    return [f"output_dir={out}", f"train.max_steps={steps}", "checkpoint.save_steps=1000", "eval.eval_at_start=false",
+            "logging.logging_steps=1"]
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "run_report.json").read_text())
+
+
+def assert_one_world_of_two(out: Path, steps: int, logs: str) -> dict:
+    r = report(out)
+    assert r["world_size"] == 2 and r["steps"] == steps, logs
+    assert sorted((x["rank"], x["node"]) for x in r["ranks"]) == [(0, 0), (1, 1)], logs
+    node0, node1 = (out / "logs" / "node0.log").read_text(), (out / "logs" / "node1.log").read_text()
+    assert "[node0 rank0]" in node0 and "rank 0/2 on node 0" in node0, logs
+    assert "[node1 rank1]" in node1 and "rank 1/2 on node 1" in node1, logs
+    return r
+
+
+def test_sbatch_multi_node_trains_on_two_nodes(slurm_cluster, tmp_path):
+    out = tmp_path / "out"
+    job = sbatch(slurm_cluster, tmp_path, *DEV_NODES, str(MULTI), str(EXAMPLE), *overrides(out, 12))
+    logs = lambda: tails(tmp_path / "slurm-*.out", out / "logs" / "*")  # noqa: E731
+    assert wait_job(job, 150, logs) == "COMPLETED", logs()
+    assert sacct_field(job, "ExitCode") == "0:0"
+    # per-node logs side by side, named by job id and node: SLURM's output of each node's task and the training's
+    names = sorted(p.name for p in (out / "logs").iterdir())
+    assert names == ["node0.log", "node1.log", f"slurm-{job}-node0.out", f"slurm-{job}-node1.out"], names
+    assert_one_world_of_two(out, 12, logs())
+    node1_out = (out / "logs" / f"slurm-{job}-node1.out").read_text()
+    assert re.search(r"--machine_rank 1 --main_process_ip n1 --main_process_port 2\d{4}", node1_out), node1_out
+    assert "node 1 of 2 on n2" in node1_out
+
+
+def test_sbatch_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    out, steps = tmp_path / "out", 60
+    job = sbatch(slurm_cluster, tmp_path, *DEV_NODES, str(MULTI), str(EXAMPLE), *overrides(out, steps))
+    logs = lambda: tails(tmp_path / "slurm-*.out", out / "logs" / "*")  # noqa: E731
+    assert wait_for_text((out / "logs", "node0.log"), r"step [2-9]/60", 120), logs()
+    # What SLURM does --signal=USR1@120 before the time limit (and at preemption with USR1): every process of the job
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    assert wait_job(job, 180, logs) == "COMPLETED", logs()
+    assert sacct_states(job) == ["REQUEUED", "COMPLETED"], logs()
+    r = assert_one_world_of_two(out, steps, logs())
+    k = r["resumed_at_step"]
+    assert 0 < k < steps and r["resumed_from"] == str(out / f"checkpoint-{k}"), logs()  # resumed, not restarted
+    node0 = (out / "logs" / f"slurm-{job}-node0.out").read_text()
+    assert f"checkpoint-{k} saved after SIGUSR1" in node0 and f"scontrol requeue {job} -> exit 0" in node0, logs()
+    assert f"resuming from {out}/checkpoint-{k}" in (out / "logs" / "node1.log").read_text(), logs()
+    assert "(restart 1)" in node0
+
+
+def test_submit_two_nodes_then_requeue_through_submitit(slurm_cluster, tmp_path):
+    """`tune-launch submit --nodes 2`: the same world of two; the checkpoint signal goes through the task's
+    checkpoint() and submitit's requeue; the requeued task resumes from the checkpoint."""
+    out, steps = tmp_path / "out", 60
+    argv = [sys.executable, "-m", "launch.cli", "submit", str(EXAMPLE), *overrides(out, steps),
+            "--nodes", "2", "--cpus-per-task", "1", "--time", "10", "--wait"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    folder = out / "logs" / "submitit"
+    logs = lambda: tails(folder / "*_log.*", out / "logs" / "node*.log")  # noqa: E731
+    try:
+        assert wait_for_text((out / "logs", "node0.log"), r"step [2-9]/60", 120), logs()
+        job = next(folder.glob("*_submitted.pkl")).name.split("_")[0]
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        stdout, stderr = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"{stdout}\n{stderr}\n{logs()}"
+    assert f"submitted job {job}: 2 node(s)" in stdout and f"job {job} completed" in stdout
+    assert sacct_states(job) == ["REQUEUED", "COMPLETED"], logs()
+    r = assert_one_world_of_two(out, steps, logs())
+    assert 0 < r["resumed_at_step"] < steps, logs()
+    node0 = (folder / f"{job}_0_log.out").read_text()
+    assert "Calling checkpoint method" in node0 and f"Requeued job {job}" in node0, logs()
+    assert "--node-rank 1 --main-process-ip n1" in (folder / f"{job}_1_log.out").read_text()
+
+
+def test_missing_yaml_on_the_compute_node_fails_with_a_message(slurm_cluster, tmp_path):
+    job = sbatch(slurm_cluster, tmp_path, *DEV_NODES, str(MULTI), "nowhere/train.yaml")
+    assert wait_job(job, 60) == "FAILED"
+    assert sacct_field(job, "ExitCode") == "2:0"
+    log = next(tmp_path.glob(f"slurm-*-{job}.out")).read_text()
+    assert "tune-launch: error: nowhere/train.yaml: no such training YAML on node 0" in log
+
+
+def test_bad_yaml_fails_in_one_line_without_a_hang(slurm_cluster, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("max_steps:", "max_stepz:"))
+    start = time.monotonic()
+    job = sbatch(slurm_cluster, tmp_path, *DEV_NODES, str(MULTI), str(bad))
+    assert wait_job(job, 60) == "FAILED" and sacct_field(job, "ExitCode") == "2:0"
+    log = next(tmp_path.glob(f"slurm-*-{job}.out")).read_text()
+    errors = [ln for ln in log.splitlines() if ln.startswith("tune-launch: error:")]
+    assert len(errors) == 1 and "max_stepz" in errors[0] and "Traceback" not in log, log
+    assert time.monotonic() - start < 60
+
+
+def test_more_nodes_than_the_partition_has_is_refused(slurm_cluster, tmp_path):
+    proc = slurm_cluster.run(["sbatch", "--nodes=3", *DEV_NODES, str(MULTI), str(EXAMPLE)], cwd=tmp_path)
+    assert proc.returncode != 0 and "sbatch: error: Batch job submission failed" in proc.stderr  # not left pending
+    proc = slurm_cluster.run([sys.executable, "-m", "launch.cli", "submit", str(EXAMPLE), f"output_dir={tmp_path}/o",
+                              "--nodes", "3"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("tune-launch: error: --nodes 3: partition debug has 2 node(s); ask for at most 2, "
+                                   "or pick a larger --partition")
