@@ -299,3 +299,17 @@ def test_sbatch_headers_document_the_essentials(script):
 def test_dev_cluster_script_usage_and_root_guard():
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "dev-cluster.sh"), "bogus"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+@pytest.mark.slow
+def test_submit_local_runs_through_submitits_local_executor(tmp_path):
+    """--local: cluster="local" even where `srun` is on PATH; the training really runs and the task's log is kept."""
+    out = tmp_path / "out"
+    proc = _submit(str(ROOT / "examples" / "pretrain-tiny.yaml"), f"output_dir={out}", "train.max_steps=3",
+                   "eval.eval_at_start=false", "--local", "--wait", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    assert f"job {job} completed" in proc.stdout
+    log = (out / "logs" / "submitit" / f"{job}_0_log.out").read_text()
+    assert "--cpu --num-processes 1" in log and "done: 3 steps" in log
+    assert "SUBMITIT_EXECUTOR" not in log and (out / "run_report.json").is_file()
