@@ -29,5 +29,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) tests
 
+bench-consolidate: setup
+	$(PY) bench/consolidate.py
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

@@ -158,10 +158,23 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank's shard is written
         final = run_dir / staging.name
         if args.should_save:
+            _save_model_files(self, staging)
             seal(staging, final, step)
             _rotate(run_dir, limit)
             log.info("checkpoint %s written (atomic, marker %s)", final, MARKER)
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+
+
+def _save_model_files(trainer, folder: Path) -> None:
+    """config.json and the tokenizer in every checkpoint: sharded FSDP saves write neither, and consolidation
+    (`tune-launch consolidate`) needs them to produce a loadable model folder."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    config = getattr(getattr(model, "base_model", model), "config", None) or getattr(model, "config", None)
+    if config is not None and not (folder / "config.json").exists():
+        config.save_pretrained(str(folder))
+    tokenizer = getattr(trainer, "processing_class", None)
+    if tokenizer is not None and not (folder / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(str(folder))
 
 
 def _rotate(run_dir: Path, limit: int | None) -> None:

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.config import ConfigError, TrainingConfig
+from launch.errors import TuneLaunchError
+from training.config import TrainingConfig
 from training.distributed import RankInfo, barrier, teardown
 from training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
 
@@ -25,7 +26,7 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
         code = _run(cfg, info, out, logger, t_start)
         finished = True
         return code
-    except ConfigError as e:
+    except TuneLaunchError as e:  # bad config, failed consolidation: one line
         log.error("%s", e)
         return 2
     except Exception as e:  # noqa: BLE001 - a crash on one rank: name it, and do not wait for peers that may be stuck
@@ -86,12 +87,40 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
         trainer.evaluate()
+    if cfg.consolidate.enabled:
+        _checkpoint_last_step(trainer, out)
     final = final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
+    if cfg.consolidate.enabled:
+        _consolidate(cfg, info, out)
     report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
     if info.is_main:
         (out / "run_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
         print(summary(report), flush=True)
     return 0
+
+
+def _checkpoint_last_step(trainer, out: Path) -> None:
+    """Make the newest complete checkpoint the last step (a collective save on every rank) before consolidating."""
+    from training.checkpoint import find_resume_checkpoint
+
+    newest = find_resume_checkpoint(out, warn=False)
+    if newest is None or newest.name != f"checkpoint-{trainer.state.global_step}":
+        trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def _consolidate(cfg: TrainingConfig, info: RankInfo, out: Path) -> None:
+    """consolidate.enabled: stream the newest (sharded) checkpoint into HF safetensors at output_dir/consolidated."""
+    from training.checkpoint import find_resume_checkpoint
+
+    if info.is_main:
+        from launch.consolidation import consolidate_checkpoint
+
+        c = cfg.consolidate
+        result = consolidate_checkpoint(find_resume_checkpoint(out, warn=False), out / "consolidated", dtype=c.dtype,
+                                        max_shard_size=c.max_shard_size, merge_lora=c.merge_lora, force=True,
+                                        progress=None)
+        log.info("%s", result.summary())
+    barrier()
 
 
 def _sft_texts(parts) -> list[str]:
