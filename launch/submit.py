@@ -102,10 +102,13 @@ class NodeTask:
     def __call__(self) -> int:
         argv, env = self.argv_and_env(os.environ)
         rank = os.environ.get("SLURM_NODEID", "0")
+        _drop_stale_result(os.environ)
         previous = signal.getsignal(signal.SIGUSR1)
 
         def on_usr1(signum: int, frame: Any) -> None:
             self._signalled = True
+            if rank != "0":  # node 0 requeues, which SIGTERMs every task: leave then, with no result file
+                signal.signal(signal.SIGTERM, _leave)
             if callable(previous):
                 previous(signum, frame)  # submitit: checkpoint() and requeue on node 0, nothing elsewhere
 
@@ -115,11 +118,10 @@ class NodeTask:
         while self._proc.poll() is None:  # poll, not wait(): checkpoint() polls it too, from the signal handler
             time.sleep(0.5)
         code = self._proc.returncode
-        if self._signalled and code == 0:
-            # Stopped by the checkpoint signal on a node other than 0: node 0's task requeues the job (which ends
-            # this one); a return here would report success for a run that has not finished.
-            print(f"[tune-launch submit] node {rank}: checkpoint saved; waiting for node 0 to requeue the job", flush=True)
-            signal.signal(signal.SIGTERM, _leave)  # the requeue ends this task with SIGTERM: go at once, not at KillWait
+        if self._signalled and rank != "0":
+            # Stopped by the checkpoint signal on a node other than 0: node 0's task requeues the job, which ends
+            # this one (SIGTERM -> _leave); a return or an error here would be read as this run's result.
+            print(f"[tune-launch submit] node {rank}: stopped (exit {code}); waiting for node 0 to requeue the job", flush=True)
             time.sleep(_grace(os.environ) + 60)
             raise RuntimeError(f"node {rank}: stopped by the checkpoint signal, but the job was not requeued")
         if code != 0:
@@ -145,6 +147,18 @@ def _leave(signum: int, _frame: Any) -> None:
     print("[tune-launch submit] job requeued; this run ends here", flush=True)
     sys.stdout.flush()
     os._exit(0)
+
+
+def _drop_stale_result(env: Mapping[str, str]) -> None:
+    """A requeued run must not leave the previous run's result file of this task for the submitter to read."""
+    if not (env.get("SLURM_RESTART_COUNT") or "0").strip("0"):
+        return
+    try:
+        import submitit
+
+        submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+    except (RuntimeError, OSError, KeyError):
+        pass
 
 
 def _count(raw: str | None) -> int | None:
