@@ -313,3 +313,15 @@ def test_submit_local_runs_through_submitits_local_executor(tmp_path):
     log = (out / "logs" / "submitit" / f"{job}_0_log.out").read_text()
     assert "--cpu --num-processes 1" in log and "done: 3 steps" in log
     assert "SUBMITIT_EXECUTOR" not in log and (out / "run_report.json").is_file()
+
+
+def test_cluster_fixture_skips_off_ci_and_fails_on_ci(monkeypatch):
+    """Without SLURM: a skip with the reason on a laptop, a failure under CI=true (the tests must run there)."""
+    from slurm_fixtures import _unavailable
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="SLURM dev cluster unavailable: no root"):
+        _unavailable("no root")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: the SLURM tests must run, but no root"):
+        _unavailable("no root")

@@ -132,3 +132,15 @@ def test_more_nodes_than_the_partition_has_is_refused(slurm_cluster, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("tune-launch: error: --nodes 3: partition debug has 2 node(s); ask for at most 2, "
                                    "or pick a larger --partition")
+
+
+def test_single_node_script_and_idempotent_up(slurm_cluster, tmp_path):
+    up = subprocess.run([str(ROOT / "slurm" / "dev-cluster.sh"), "up"], capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0 and "up: partition debug, nodes n1 n2" in up.stdout  # a second `up` changes nothing
+    out = tmp_path / "out"
+    job = sbatch(slurm_cluster, tmp_path, *DEV_NODES, str(ROOT / "slurm" / "single_node.sh"), str(EXAMPLE),
+                 *overrides(out, 3))
+    logs = lambda: tails(tmp_path / "slurm-*.out", out / "logs" / "*")  # noqa: E731
+    assert wait_job(job, 120, logs) == "COMPLETED", logs()
+    assert report(out)["world_size"] == 1 and report(out)["steps"] == 3
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["node0.log", f"slurm-{job}-node0.out"]
