@@ -16,7 +16,6 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from launch.errors import TuneLaunchError
 
@@ -127,6 +126,7 @@ class SlurmJob:
     nodes: tuple[str, ...]
     gpus_on_node: int = 0
     cpus_on_node: int | None = None
+    cpus_per_task: int | None = None
     restart_count: int = 0
     partition: str | None = None
     submit_dir: str | None = None
@@ -139,10 +139,6 @@ class SlurmJob:
     @property
     def main_port(self) -> int:
         return port_from_job_id(self.job_id, self.restart_count)
-
-    @property
-    def nodelist(self) -> str:
-        return ",".join(self.nodes)
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> SlurmJob | None:
@@ -168,7 +164,8 @@ class SlurmJob:
             raise TuneLaunchError(f"SLURM job {job_id}: SLURM_NODEID={node_rank} is outside 0..{num_nodes - 1}")
         return cls(
             job_id=job_id, num_nodes=num_nodes, node_rank=node_rank, nodes=nodes, gpus_on_node=_gpus_on_node(env),
-            cpus_on_node=_count(env.get("SLURM_CPUS_ON_NODE")), restart_count=_count(env.get("SLURM_RESTART_COUNT")) or 0,
+            cpus_on_node=_count(env.get("SLURM_CPUS_ON_NODE")), cpus_per_task=_count(env.get("SLURM_CPUS_PER_TASK")),
+            restart_count=_count(env.get("SLURM_RESTART_COUNT")) or 0,
             partition=env.get("SLURM_JOB_PARTITION") or None, submit_dir=env.get("SLURM_SUBMIT_DIR") or None,
         )
 
@@ -202,12 +199,6 @@ def node_argv(launch: NodeLaunch, job: SlurmJob, tune_launch: Sequence[str] = ("
              "--main-process-ip", job.main_host, "--main-process-port", str(job.main_port),
              launch.config, *launch.overrides]
     return argv
-
-
-def log_paths(output_dir: str | Path, job_id: str, node_rank: int) -> dict[str, Path]:
-    """Per-node logs side by side in output_dir/logs: SLURM's output of the node's task and the training log."""
-    logs = Path(output_dir) / "logs"
-    return {"slurm": logs / f"slurm-{job_id}-node{node_rank}.out", "training": logs / f"node{node_rank}.log"}
 
 
 def omp_threads(cores: int | None, processes: int) -> int:

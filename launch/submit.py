@@ -91,8 +91,7 @@ class NodeTask:
             return argv, child
         argv = node_argv(self.launch, job, tune_launch=base)
         processes = job.gpus_on_node or self.launch.cpu_processes
-        cores = _count(env.get("SLURM_CPUS_PER_TASK")) or job.cpus_on_node
-        child.setdefault("OMP_NUM_THREADS", str(omp_threads(cores, processes)))
+        child.setdefault("OMP_NUM_THREADS", str(omp_threads(job.cpus_per_task or job.cpus_on_node, processes)))
         # submitit requeues this job (checkpoint() below); the launcher inside must not requeue it a second time.
         child["TUNE_LAUNCH_REQUEUE"] = "0"
         child.pop("SLURM_JOB_ID", None)
@@ -159,10 +158,6 @@ def _drop_stale_result(env: Mapping[str, str]) -> None:
         submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
     except (RuntimeError, OSError, KeyError):
         pass
-
-
-def _count(raw: str | None) -> int | None:
-    return int(raw) if raw and raw.isdigit() else None
 
 
 def _grace(env: Mapping[str, str]) -> float:

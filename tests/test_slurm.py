@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launch.errors import TuneLaunchError
-from launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, expand_nodelist, log_paths, node_argv,
+from launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, expand_nodelist, node_argv,
                           omp_threads, parse_sbatch_options, parse_time_minutes, partition_sizes, port_from_job_id,
                           sbatch_parameters)
 from launch.submit import NodeTask
@@ -154,9 +154,8 @@ def test_node_task_pickles_without_its_process():
     assert back.launch == task.launch and back.python == "/py" and back._proc is None
 
 
-def test_omp_threads_and_log_paths():
+def test_omp_threads():
     assert omp_threads(64, 8) == 8 and omp_threads(1, 2) == 1 and omp_threads(None, 1) == 1
-    assert log_paths("out", "12", 1) == {"slurm": Path("out/logs/slurm-12-node1.out"), "training": Path("out/logs/node1.log")}
 
 
 # --------------------------------------------------------------------------- submission parameters
