@@ -174,7 +174,9 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def dispatch(argv: list[str], env: Mapping[str, str]) -> int:
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
-    args = build_parser(command).parse_args(rest)
+    parser = build_parser(command)
+    # intermixed: `tune-launch train.yaml --gpus 8 optim.learning_rate=1e-4` as well as options first
+    args = parser.parse_intermixed_args(rest)
     try:
         if command in EXTERNAL:
             return importlib.import_module(EXTERNAL[command]).run_from_args(args)

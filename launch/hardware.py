@@ -238,6 +238,8 @@ def detect_hardware(output_dir: str | os.PathLike[str] = ".", env: Mapping[str, 
     while not target.exists() and target != target.parent:
         target = target.parent
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if slurm is not None and slurm.cpus_on_node:
+        cores = min(cores, slurm.cpus_on_node)  # what SLURM gave this job on the node, not the whole machine
     return Hardware(
         nodes=slurm.num_nodes if slurm else 1,
         gpus_per_node=len(gpus),

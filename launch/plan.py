@@ -171,7 +171,7 @@ def make_plan(request: LaunchRequest, cfg, hw: Hardware, facts: ModelFacts | Non
     port = request.main_process_port
     if port is None and hw.slurm is not None and nodes > 1:
         from launch.slurm import port_from_job_id
-        port = port_from_job_id(hw.slurm.job_id)
+        port = port_from_job_id(hw.slurm.job_id, hw.slurm.restart_count)  # as slurm/*.sh: a requeue gets a new port
     if nodes > 1 and port is None and not request.planning:
         raise TuneLaunchError("--main-process-port: a multi-node launch needs the same port on every node (or run inside SLURM)")
     return LaunchPlan(

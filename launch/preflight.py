@@ -294,6 +294,7 @@ def resolves_to_loopback(host: str | None) -> bool | None:
 
 def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a requeued run is not "in use"
         try:
             s.bind((host, port))
         except OSError:

@@ -96,6 +96,8 @@ def exit_detail(code: int) -> str:
 def requeue_command(env: Mapping[str, str], node_rank: int) -> list[str] | None:
     """`scontrol requeue JOB` from node 0 of a SLURM job, else None."""
     job = env.get("SLURM_JOB_ID")
+    if env.get("TUNE_LAUNCH_REQUEUE") == "0":  # submitit requeues the job itself
+        return None
     if not job or node_rank != 0 or shutil.which("scontrol", path=env.get("PATH")) is None:
         return None
     return [shutil.which("scontrol", path=env.get("PATH")) or "scontrol", "requeue", job]
@@ -193,8 +195,13 @@ class Supervisor:
             return []
         for child in children:
             if child.pid not in self.ranks:
+                # Only a worker torchrun exec'd counts: accelerate also forks short-lived helpers (an nvidia-smi
+                # probe, pre-exec copies of itself). Those are never cached, so they are looked at again after exec.
                 try:
-                    local = int(child.environ().get("LOCAL_RANK", "0"))
+                    env, cmdline = child.environ(), child.cmdline()
+                    if "LOCAL_RANK" not in env or any("accelerate.commands.launch" in part for part in cmdline):
+                        continue
+                    local = int(env["LOCAL_RANK"])
                 except (psutil.Error, ValueError):
                     continue
                 self.ranks[child.pid] = self._global(local)
@@ -230,8 +237,10 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
+        # USR1 is the ranks' "save and stop": accelerate/torchrun must ignore it, or they die of it before the save.
         proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, stderr=subprocess.PIPE,
-                                text=True, errors="replace", bufsize=1)
+                                text=True, errors="replace", bufsize=1,
+                                preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
         reader = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
         reader.start()
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -284,7 +293,8 @@ class Supervisor:
                 done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
                 self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
             return 0
-        if self.stop_signal is not None and killed_for is None and all(c < 0 or c > 128 for c in self.exitcodes.values()):
+        if (self.stop_signal is not None and killed_for is None and self.exitcodes
+                and all(c < 0 or c > 128 for c in self.exitcodes.values())):
             name = signal.Signals(self.stop_signal).name
             print(f"tune-launch: error: stopped by {name} before the training loop (nothing new to save); "
                   "the newest complete checkpoint, if any, is kept", file=self.stream, flush=True)

@@ -39,7 +39,7 @@ def tiny_config(model_dir: Path, output_dir: Path, **sections) -> dict:
     cfg = {
         "model": {"name_or_path": str(model_dir)},
         "task": "pretrain",
-        "data": {"generate": {"kind": "pretrain", "train_samples": 300, "eval_samples": 32, "seed": 0}},
+        "data": {"generate": {"kind": "pretrain", "train_samples": 300, "eval_samples": 30, "seed": 0}},
         "max_length": 64,
         "packing": True,
         "optim": {"learning_rate": 1.0e-2, "scheduler": "constant", "weight_decay": 0.0},

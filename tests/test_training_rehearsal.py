@@ -25,7 +25,8 @@ def reference(tiny_model_dir, tmp_path_factory) -> dict:
     """One process with the global batches of 2 ranks: train 8 (= 2 x 4), eval 4 (= 2 x 2), 6 steps.
 
     transformers 5 averages eval loss over the tokens of each global eval batch, so the eval batch must
-    match too (32 eval documents pack into 44 rows: 11 full global batches, no padding duplicates).
+    match too (30 eval documents pack into 32 rows with best-fit packing: 8 full global batches, no padding
+    duplicates).
     """
     tmp = tmp_path_factory.mktemp("ref")
     cfg = write_yaml(tmp / "ref.yaml", tiny_config(tiny_model_dir, tmp / "out", train={"micro_batch_size": 8},
