@@ -15,14 +15,28 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("example", ["pretrain-tiny", "sft-tiny"])
 def test_embedded_default_learns(example, tmp_path):
     """The README's command: eval loss at least halves, and the summary names steps, tokens/s, losses, checkpoint."""
-    proc = launch(ROOT / "examples" / f"{example}.yaml", f"output_dir={tmp_path / 'out'}")
+    proc = launch(ROOT / "examples" / f"{example}.yaml", f"output_dir={tmp_path / 'out'}", "logging.report_to=tensorboard")
     check_ok(proc)
     r = report(tmp_path / "out")
+    _assert_tensorboard_has_losses(tmp_path / "out" / "runs")
     first, last = r["eval_losses"][0][1], r["eval_losses"][-1][1]
     assert r["eval_losses"][0][0] == 0 and last <= first / 2, r["eval_losses"]
     assert "done: " in proc.stdout and "tokens/s" in proc.stdout and "eval loss" in proc.stdout
     assert f"checkpoint: {tmp_path / 'out'}/checkpoint-" in proc.stdout
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def _assert_tensorboard_has_losses(runs):
+    """report_to: tensorboard writes the train and eval losses as transformers does (one events file, rank 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(runs.glob("*/events.out.tfevents.*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/loss" in tags, tags
+    assert len(acc.Scalars("train/loss")) >= 2
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "chat"])
