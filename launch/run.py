@@ -317,6 +317,7 @@ def execute(plan: LaunchPlan, base_env: Mapping[str, str], stream: TextIO = sys.
     """Run this node's launch under the supervisor; return its exit code (non-zero names the failed rank)."""
     argv = build_command(plan)
     env = full_env(plan, base_env)
-    print(f"[tune-launch] {format_plan_header(plan)}", file=stream)
+    for line in format_plan_header(plan).splitlines():
+        print(f"[tune-launch] {line}", file=stream)
     print(f"[tune-launch] running: {redact(shell_quote(argv))}", file=stream, flush=True)
     return Supervisor(plan, argv, env, stream).run()
