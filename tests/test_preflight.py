@@ -264,3 +264,19 @@ def test_shipped_profiles_pass_with_a_sound_qlora_config(tmp_path):
     for profile in ("ddp", "fsdp", "zero2", "zero3"):
         cfg, plan, hw = setup(tmp_path, mode="qlora", profile=profile, gradient_checkpointing=True)
         assert evaluate(quant_with(cfg, quant_storage="bfloat16"), plan, hw, shipped(plan)) == [], profile
+
+
+def test_preflight_reads_the_yaml_fields_end_to_end(tmp_path, capsys):
+    """The schema carries the fields the checks read: a real dry-run refuses a global batch 2 processes cannot make."""
+    from launch.cli import dispatch
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("model: {config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"
+                   " num_attention_heads: 2}}\ntokenizer: {train_vocab_size: 300}\ndata: {generate: {kind: pretrain}}\n"
+                   f"output_dir: {tmp_path / 'out'}\n")
+    argv = ["--dry-run", "--cpu", "--num-processes", "2", "--profile", "ddp", str(cfg), "train.micro_batch_size=4"]
+    assert dispatch(argv + ["train.global_batch_size=8"], {}) == 0
+    capsys.readouterr()
+    assert dispatch(argv + ["train.global_batch_size=9"], {}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "preflight global-batch" in err[0] and "train.global_batch_size 9" in err[0]

@@ -43,7 +43,8 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
         max_grad_norm=o.max_grad_norm, optim=o.optimizer, lr_scheduler_type=o.scheduler,
         warmup_steps=o.warmup_steps if o.warmup_steps else o.warmup_ratio,
         activation_checkpointing=t.gradient_checkpointing is True,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
+        activation_checkpointing_kwargs={"use_reentrant": False, **(t.gradient_checkpointing_kwargs or {})}
+        if t.gradient_checkpointing is True else None,
         torch_compile=t.torch_compile is True,
         use_liger_kernel=t.use_liger_kernel is True or (t.use_liger_kernel == "auto" and info.device == "cuda" and _has_liger()),
         neftune_noise_alpha=t.neftune_noise_alpha,
