@@ -1,14 +1,18 @@
 """Benchmark: `tune-launch consolidate` vs zero_to_fp32 and `accelerate merge-weights` on real 300M checkpoints.
 
-    .venv/bin/python bench/consolidate.py [--work DIR] [--layers 26]
+    .venv/bin/python bench/consolidate.py [--work DIR] [--layers 26] [--repeats 3]
 
 Makes a random ~307M-parameter Llama (26 layers, hidden 1024, vocab = its 300-token local tokenizer),
-trains it 1 step with the zero3 and fsdp profiles on 2 CPU
-processes (the real launcher), then times each tool on the same checkpoint in a fresh process and
-reads its peak RSS from wait4(). This driver never imports torch itself (the model is made in a child),
-so a forked child's RSS before exec cannot inflate the figures. The disk's raw copy speed (read + write + fsync of the checkpoint's
-shard files) is the ceiling. All tools write fp32 safetensors, so bytes in = bytes out. Page cache is
-warm for every tool (the checkpoint was just written; this machine has far more RAM than it).
+trains it 1 step with the zero3 and fsdp profiles on 2 CPU processes (the real launcher), then times
+each tool on the same checkpoint in a fresh process and reads its peak RSS from wait4(). This driver
+never imports torch itself (the model is made in a child), so a forked child's RSS before exec cannot
+inflate the figures. The disk's raw copy speed (read + write + fsync of the checkpoint's shard files)
+is the ceiling. All tools write fp32 safetensors, so bytes in = bytes out.
+
+Fair conditions, the same for every tool and the raw copy: the previous output is deleted and
+`sync`ed, the checkpoint's shard files are read once so the page cache is warm (as right after
+training), and each tool runs `--repeats` times, interleaved with the others so that a slow moment of
+this VM's disk hits all of them alike; tables give the median, the JSON every sample.
 Writes bench/results/consolidate.json and prints a markdown table (copied into docs/consolidate.md).
 """
 
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+from bench import common as C  # noqa: E402
 
 
 def make_model(folder: Path, layers: int) -> dict:
@@ -71,9 +78,24 @@ def train(model_dir: Path, out: Path, profile: str) -> float:
     return time.perf_counter() - t
 
 
-def measure(name: str, argv: list[str], out: Path) -> dict:
-    """Wall time and peak RSS (this child alone, from wait4) of one tool writing into `out`."""
+def _warm(files: list[Path]) -> None:
+    """Read the shard files once so every tool starts from the same warm page cache."""
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def _settle(out: Path) -> None:
+    """No leftovers from the previous run: its output deleted and every dirty page written back."""
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+
+
+def measure_once(name: str, argv: list[str], out: Path, shards: list[Path]) -> dict:
+    """Wall time and peak RSS (this child alone, from wait4) of one tool writing into `out`."""
+    _settle(out)
+    _warm(shards)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -83,67 +105,118 @@ def measure(name: str, argv: list[str], out: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{name} failed:\n{log[-3000:]}")
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors")) if out.exists() else 0
-    print(f"  {name}: {wall:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB", flush=True)
-    return {"tool": name, "wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "output_bytes": size,
-            "argv": [str(a).replace(str(ROOT) + "/", "") for a in argv]}
+    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "output_bytes": size}
 
 
-def raw_copy(files: list[Path], dst: Path) -> dict:
-    """Read + write + fsync of the checkpoint's shard files: what any converter must at least do."""
-    dst.mkdir(parents=True, exist_ok=True)
-    total = 0
-    t = time.perf_counter()
-    for f in files:
-        target = dst / f.name
-        shutil.copyfile(f, target)
-        with open(target, "rb+") as fh:
-            os.fsync(fh.fileno())
-        total += f.stat().st_size
-    wall = time.perf_counter() - t
+def measure(tools: list[tuple[str, list[str], Path]], shards: list[Path], repeats: int) -> list[dict]:
+    """Each tool `repeats` times, interleaved; median wall, largest peak RSS, every sample kept."""
+    samples: dict[str, list[dict]] = {name: [] for name, _, _ in tools}
+    for _ in range(repeats):
+        for name, argv, out in tools:
+            samples[name].append(measure_once(name, argv, out, shards))
+    results = []
+    for name, argv, out in tools:
+        runs = samples[name]
+        walls = sorted(r["wall_s"] for r in runs)
+        result = {"tool": name, "wall_s": round(statistics.median(walls), 2), "wall_samples_s": [round(w, 2) for w in walls],
+                  "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "output_bytes": runs[-1]["output_bytes"],
+                  "argv": [str(a).replace(str(ROOT) + "/", "") for a in argv]}
+        print(f"  {name}: median {result['wall_s']:.2f} s of {walls}, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB",
+              flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        results.append(result)
+    return results
+
+
+def raw_copy(files: list[Path], dst: Path, repeats: int) -> dict:
+    """Read + write + fsync of the checkpoint's shard files: what any converter must at least do (median)."""
+    walls = []
+    for _ in range(repeats):
+        _settle(dst)
+        _warm(files)
+        dst.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        for f in files:
+            target = dst / f.name
+            shutil.copyfile(f, target)
+            with open(target, "rb+") as fh:
+                os.fsync(fh.fileno())
+        walls.append(time.perf_counter() - t)
     shutil.rmtree(dst)
-    return {"bytes": total, "wall_s": round(wall, 2), "bytes_per_s": total / wall}
+    total = sum(f.stat().st_size for f in files)
+    wall = statistics.median(walls)
+    return {"bytes": total, "wall_s": round(wall, 2), "wall_samples_s": sorted(round(w, 2) for w in walls),
+            "bytes_per_s": total / wall}
+
+
+def _filesystem(path: Path) -> str:
+    """The filesystem type of `path` (from /proc/mounts: the longest mount point containing it)."""
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _dev, mount, fstype = line.split()[:3]
+            if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/tune-launch-bench-consolidate"))
     p.add_argument("--layers", type=int, default=26)
+    p.add_argument("--repeats", type=int, default=3, help="runs per tool (the median is reported)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--reuse", action="store_true", help="reuse the model and checkpoints a --keep run left in --work")
     args = p.parse_args(argv)
     work = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    made = subprocess.run([PY, __file__, "--make-model", str(work / "model"), str(args.layers)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    if made.returncode != 0:
-        sys.exit(f"making the model failed:\n{made.stderr[-3000:]}")
-    facts = json.loads(made.stdout.strip().splitlines()[-1])
+    facts_file = work / "model" / "bench-facts.json"
+    if not (args.reuse and facts_file.is_file()):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        made = subprocess.run([PY, __file__, "--make-model", str(work / "model"), str(args.layers)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=1800)
+        if made.returncode != 0:
+            sys.exit(f"making the model failed:\n{made.stderr[-3000:]}")
+        facts_file.write_text(made.stdout.strip().splitlines()[-1])
+    facts = json.loads(facts_file.read_text())
     print(f"model: {facts['params'] / 1e6:.0f}M parameters", flush=True)
-    results: dict = {"model": facts, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                     "checkpoints": {}}
+    results: dict = {**C.header("cpu"), "model": facts, "repeats": args.repeats,
+                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "filesystem": _filesystem(work)}, "checkpoints": {}}
     for profile in ("zero3", "fsdp"):
         out = work / f"run-{profile}"
-        train_s = train(work / "model", out, profile)
         ckpt = out / "checkpoint-1"
-        print(f"{profile}: trained 1 step and saved in {train_s:.0f} s", flush=True)
+        if args.reuse and (ckpt / "tune_launch_complete.json").is_file():
+            train_s = None
+            print(f"{profile}: reusing {ckpt}", flush=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            train_s = train(work / "model", out, profile)
+            print(f"{profile}: trained 1 step and saved in {train_s:.0f} s", flush=True)
         shards = sorted((ckpt / "global_step1").glob("*_optim_states.pt")) if profile == "zero3" \
             else sorted((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))
-        copy = raw_copy(shards, work / "copy")
-        ours = measure("tune-launch consolidate", [PY, "-m", "launch.cli", "consolidate", str(ckpt), str(work / "ours"),
-                                                   "--dtype", "fp32", "--quiet", "--max-shard-size", "5GB", "--config", str(work / "model")], work / "ours")
-        verify = measure("tune-launch consolidate --verify", [PY, "-m", "launch.cli", "consolidate", str(ckpt),
-                                                              str(work / "ours"), "--dtype", "fp32", "--quiet", "--verify", "--config", str(work / "model")],
-                         work / "ours")
+        copy = raw_copy(shards, work / "copy", args.repeats)
+        print(f"  raw copy: median {copy['wall_s']:.2f} s of {copy['wall_samples_s']}", flush=True)
+        def consolidate(dst: Path, *extra: str) -> list[str]:
+            return [PY, "-m", "launch.cli", "consolidate", str(ckpt), str(dst), "--dtype", "fp32", "--quiet",
+                    "--max-shard-size", "5GB", "--config", str(work / "model"), *extra]
+
         if profile == "zero3":
-            ref = measure("zero_to_fp32", [PY, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(work / "ref"),
-                                           "--safe_serialization"], work / "ref")
+            reference = ("zero_to_fp32", [PY, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(work / "ref"),
+                                          "--safe_serialization"], work / "ref")
         else:
-            ref = measure("accelerate merge-weights", [str(Path(PY).parent / "accelerate"), "merge-weights",
-                                                       str(ckpt / "pytorch_model_fsdp_0"), str(work / "ref")], work / "ref")
+            reference = ("accelerate merge-weights", [str(Path(PY).parent / "accelerate"), "merge-weights",
+                                                      str(ckpt / "pytorch_model_fsdp_0"), str(work / "ref")], work / "ref")
+        ours, verify, ref = measure([("tune-launch consolidate", consolidate(work / "ours"), work / "ours"),
+                                     ("tune-launch consolidate --verify", consolidate(work / "ours-verify", "--verify"),
+                                      work / "ours-verify"),
+                                     reference], shards, args.repeats)
         ours["throughput_bytes_per_s"] = facts["fp32_bytes"] / ours["wall_s"]
         limit = 2**30 + 2 * facts["largest_tensor_bytes"]
         results["checkpoints"][profile] = {
-            "shard_bytes": copy["bytes"], "train_and_save_s": round(train_s, 1), "raw_copy": copy,
+            "shard_bytes": copy["bytes"], "train_and_save_s": None if train_s is None else round(train_s, 1), "raw_copy": copy,
             "tools": [ours, verify, ref],
             "targets": {
                 "peak_rss_limit_bytes": limit, "peak_rss_ok": ours["peak_rss_bytes"] <= limit,
@@ -153,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_ok": ours["throughput_bytes_per_s"] >= 0.5 * copy["bytes_per_s"],
             },
         }
-        for d in ("ours", "ref"):
-            shutil.rmtree(work / d, ignore_errors=True)
         shutil.rmtree(out / ".staging", ignore_errors=True)
     dest = ROOT / "bench" / "results" / "consolidate.json"
     dest.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -25,6 +25,8 @@ RUNS = {  # name: (profile, tied embeddings, lora, save_steps)
     "zero2": ("zero2", True, None, 2),
     "zero3": ("zero3", False, None, 1),
     "lora": ("fsdp", False, LORA, 2),
+    "zero3-offload": ("zero3-offload", False, None, 2),
+    "zero1": ("zero1", False, None, 2),  # no shipped profile: zero2's exact command with a stage-1 DeepSpeed config
 }
 
 
@@ -54,9 +56,35 @@ def runs(tiny_model_dir, tied_model_dir, tmp_path_factory) -> dict[str, Path]:
                           checkpoint={"save_steps": save_steps}, eval={"eval_steps": 1000})
         if lora:
             cfg["model"]["lora"] = lora
-        check_ok(launch(write_yaml(tmp / f"{name}.yaml", cfg), profile=profile, processes=2, timeout=300))
+        path = write_yaml(tmp / f"{name}.yaml", cfg)
+        check_ok(_launch_zero1(path, tmp) if profile == "zero1" else launch(path, profile=profile, processes=2, timeout=300))
         out[name] = tmp / name
     return out
+
+
+def _launch_zero1(config: Path, tmp: Path) -> subprocess.CompletedProcess:
+    """Run the command `tune-launch --dry-run` prints for zero2 on 2 CPU processes, with stage 1 in the DeepSpeed file."""
+    import os
+    import shlex
+
+    ds = json.loads((ROOT / "deepspeed_configs" / "zero2.json").read_text())
+    ds["zero_optimization"]["stage"] = 1
+    (tmp / "zero1.json").write_text(json.dumps(ds))
+    plan = subprocess.run([sys.executable, "-m", "launch.cli", "--cpu", "--num-processes", "2", "--profile", "zero2",
+                           "--dry-run", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    check_ok(plan)
+    env = {**os.environ}
+    env.pop("OMP_NUM_THREADS", None)
+    lines = plan.stdout.splitlines()
+    for line in lines:
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    argv = shlex.split(next(line for line in lines if "accelerate.commands.launch" in line))
+    i = argv.index("--deepspeed_config_file")
+    assert argv[i + 1].endswith("zero2.json")
+    argv[i + 1] = str(tmp / "zero1.json")
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _consolidate(src: Path, dst: Path, **kw):
@@ -100,14 +128,16 @@ def _assert_same(ours: dict, ref: dict, ties: dict[str, str]) -> None:
         assert got.dtype == v.dtype and torch.equal(got, v), f"{k} differs from the reference tool"
 
 
-def test_zero3_and_zero2_equal_zero_to_fp32_and_trained_logits(runs, tmp_path):
+def test_zero_stages_equal_zero_to_fp32_and_trained_logits(runs, tmp_path):
+    """ZeRO-1, ZeRO-2 (tied), ZeRO-3 and ZeRO-3 with CPU offload: every tensor equals zero_to_fp32's."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    for name, tied in (("zero3", False), ("zero2", True)):
+    for name, tied in (("zero3", False), ("zero2", True), ("zero1", False), ("zero3-offload", False)):
         ckpt = runs[name] / "checkpoint-2"
         result = _consolidate(ckpt, tmp_path / name, dtype="fp32", verify=True, max_shard_size="40KB")
-        assert result.format == f"deepspeed-{name}" and result.ranks == 2 and result.verified
+        stage = name.split("-")[0]
+        assert result.format == f"deepspeed-{stage}" and result.ranks == 2 and result.verified
         assert len(result.files) > 1  # the 40KB limit split the model into several files
         ours = _load_dir(tmp_path / name)
         ref = {k: v.contiguous() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt)).items()}
@@ -118,6 +148,19 @@ def test_zero3_and_zero2_equal_zero_to_fp32_and_trained_logits(runs, tmp_path):
         index = json.loads((tmp_path / name / "model.safetensors.index.json").read_text())
         assert set(index["metadata"]["sha256"]) == set(index["weight_map"].values())
         assert (tmp_path / name / "tokenizer.json").is_file() and (tmp_path / name / "config.json").is_file()
+
+
+def test_streaming_path_imports_no_torch(runs, tmp_path):
+    """Untied ZeRO-3 and FSDP checkpoints consolidate (bf16, so with conversion) without importing torch:
+    its ~1.5 s import would cost more than streaming a 1 GB model (bench/consolidate.py)."""
+    for name in ("zero3", "lora"):  # the LoRA run's checkpoint written as an adapter folder is FSDP, untied
+        code = ("import sys; from launch.consolidation import consolidate_checkpoint; "
+                f"r = consolidate_checkpoint({str(runs[name] / 'checkpoint-2')!r}, {str(tmp_path / name)!r}, dtype='bf16', "
+                "progress=None, verify=False); print(r.format, r.tensors, 'torch' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        check_ok(proc)
+        fmt, tensors, imported = proc.stdout.split()
+        assert fmt.startswith(("deepspeed-zero3", "fsdp-dcp")) and int(tensors) > 0 and imported == "False"
 
 
 def test_fsdp_tied_equals_accelerate_merge_weights_and_trained_logits(runs, tmp_path):

@@ -15,7 +15,8 @@ from conftest import ROOT
 def test_torchzip_indexes_tensors_without_running_the_pickle(tmp_path):
     import torch
 
-    from launch.consolidation.torchzip import MappedFile, TensorRef, index_file
+    from launch.consolidation.source import FileCache, assemble, SourceTensor, Piece
+    from launch.consolidation.torchzip import TensorRef, index_file
 
     class Boom:
         def __reduce__(self):
@@ -27,9 +28,10 @@ def test_torchzip_indexes_tensors_without_running_the_pickle(tmp_path):
     assert obj["n"] == 7 and type(obj["evil"]).__module__.startswith("stub.")
     ref = obj["view"]
     assert isinstance(ref, TensorRef) and ref.shape == (2, 4) and ref.storage_offset == 4 and ref.dtype == "bfloat16"
-    f = MappedFile(ref.path)
-    assert torch.equal(f.view(ref).reshape(ref.shape), t[1:])
-    f.close()
+    files = FileCache()
+    got = assemble(SourceTensor("view", ref.shape, ref.dtype, (Piece(ref, 0, ref.numel),)), files)
+    files.close()
+    assert got.dtype.name == "uint16" and torch.equal(torch.from_numpy(got.view("int16")).view(torch.bfloat16), t[1:])
 
 
 def test_header_matches_the_safetensors_library(tmp_path):
@@ -41,7 +43,11 @@ def test_header_matches_the_safetensors_library(tmp_path):
 
     data = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16)}
     specs = tuple(OutputTensor(k, tuple(v.shape), str(v.dtype).replace("torch.", ""), k) for k, v in data.items())
-    hashes = write_shards([Shard("m.safetensors", specs)], tmp_path, lambda s, out: out.view(data[s.name].shape).copy_(data[s.name]))
+    def produce(s, out):
+        out[...] = data[s.name].reshape(-1).view(torch.int16 if s.dtype == "bfloat16" else data[s.name].dtype).numpy()
+        return out
+
+    hashes = write_shards([Shard("m.safetensors", specs)], tmp_path, produce)
     back = load_file(str(tmp_path / "m.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in data.items())
     import hashlib
@@ -76,3 +82,194 @@ def test_cli_module_imports_no_torch():
     code = "import sys, launch.consolidate; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def _torch_bits(t):
+    """A torch tensor's bits as numpy (bf16 -> uint16), to compare with the torch-free conversions."""
+    import torch
+
+    return t.view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def test_dtype_conversions_are_bitwise_torch():
+    """fp32/fp16/bf16 in every direction equal torch's .to() bit for bit: rounding ties, subnormals,
+    overflow to inf, signed zeros; NaN stays NaN."""
+    import numpy as np
+    import torch
+
+    from launch.consolidation.arrays import convert
+
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 65504.0, 65520.0, 1e-8, -1e-40, 3.4e38, float("inf"), float("-inf"),
+                            1.00390625, 1.01171875, 2.0 ** -133, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8])  # bf16 ties
+    raw = torch.randint(0, 2**32 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    fp32 = torch.cat([special, torch.randn(100_000, generator=g) * 1000, raw[~raw.isnan()]])
+    sources = {"float32": fp32, "bfloat16": fp32.to(torch.bfloat16), "float16": fp32.to(torch.float16)}
+    for src_name, src in sources.items():
+        for dst_name in ("float32", "bfloat16", "float16"):
+            want = _torch_bits(src.to(getattr(torch, dst_name)))
+            got = convert(_torch_bits(src), src_name, dst_name)
+            assert got.dtype == want.dtype and np.array_equal(got, want), f"{src_name} -> {dst_name}"
+    nan = convert(np.array([np.nan, -np.nan], dtype=np.float32), "float32", "bfloat16")
+    assert np.isnan((nan.astype(np.uint32) << 16).view(np.float32)).all()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writer_streams_odd_offsets_exactly(tmp_path, direct):
+    """Tensors of every size around the page (odd byte counts too, so later tensors start unaligned),
+    a header over one page, two shards: the safetensors library reads back every tensor, the file is
+    exactly as long as its contents, and the recorded SHA-256 is the file's."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from launch.consolidation.plan import OutputTensor, Shard
+    from launch.consolidation.writer import PAGE, _FileSink, write_shards
+
+    g = torch.Generator().manual_seed(1)
+    data = {"odd_bytes": torch.randint(0, 255, (4097,), generator=g, dtype=torch.uint8),
+            "flag": torch.tensor([True, False, True]),
+            **{f"layer{i:03d}.w": torch.randn(n, generator=g) for i, n in enumerate([1, 1023, 1024, 1025, 70_000, 3])},
+            "bf": torch.randn(333, 7, generator=g).to(torch.bfloat16), "half": torch.randn(5, generator=g).half()}
+    specs = tuple(OutputTensor(k, tuple(v.shape), str(v.dtype).replace("torch.", ""), k) for k, v in data.items())
+    shards = [Shard("a.safetensors", specs[:5]), Shard("b.safetensors", specs[5:])]
+
+    def produce(s, out):
+        out[...] = _torch_bits(data[s.name]).reshape(-1)
+        return out
+
+    hashes = write_shards(shards, tmp_path, produce, direct=direct)
+    back = {**load_file(str(tmp_path / "a.safetensors")), **load_file(str(tmp_path / "b.safetensors"))}
+    assert set(back) == set(data) and all(torch.equal(back[k], v) for k, v in data.items())
+    for f in ("a.safetensors", "b.safetensors"):
+        raw = (tmp_path / f).read_bytes()
+        header = int.from_bytes(raw[:8], "little")
+        assert len(raw) == 8 + header + sum(t.nbytes for s in shards if s.file == f for t in s.tensors)
+        assert hashes[f] == hashlib.sha256(raw).hexdigest()
+    sink = _FileSink(tmp_path / "probe", direct)
+    assert sink.align == (PAGE if direct else 1)  # /tmp is ext4 here: O_DIRECT taken when asked
+    sink.abort()
+
+
+@pytest.mark.parametrize("refused_at", ["open", "first write"])
+def test_writer_falls_back_to_plain_writes_where_o_direct_is_refused(tmp_path, monkeypatch, refused_at):
+    """Filesystems that refuse O_DIRECT (EINVAL at open, or at the first write: some FUSE and network
+    mounts; this machine has none, so the refusal is injected) get plain writes and the same bytes."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from launch.consolidation import writer
+    from launch.consolidation.plan import OutputTensor, Shard
+
+    real_open, real_write, refused = os.open, os.write, []
+
+    def fake_open(path, flags, *a):
+        if refused_at == "open" and flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    def fake_write(fd, data):
+        if refused_at == "first write" and not refused and os.fstat(fd).st_size == 0 and len(data) == writer.PAGE:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer.os, "open", fake_open)
+    monkeypatch.setattr(writer.os, "write", fake_write)
+    spec = OutputTensor("w", (1001,), "float32", "w")
+    values = np.arange(1001, dtype=np.float32)
+
+    def produce(s, out):
+        out[...] = values
+        return out
+
+    writer.write_shards([Shard("m.safetensors", (spec,))], tmp_path, produce)
+    assert refused
+    monkeypatch.undo()
+    from safetensors.numpy import load_file
+
+    assert np.array_equal(load_file(str(tmp_path / "m.safetensors"))["w"], values)
+
+
+def test_dcp_metadata_read_without_torch_matches_torch(tmp_path):
+    """A real torch.distributed.checkpoint save (one process): every tensor's chunk, file and byte range
+    read by the restricted unpickler equals torch's own reader; bytes entries are skipped; no torch import."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    g = torch.Generator().manual_seed(2)
+    sd = {"model": {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16),
+                    "steps": torch.tensor(3), "note": "not a tensor"}}
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")))
+    md = dcp.FileSystemReader(str(tmp_path / "ck")).read_metadata()
+    code = ("import sys, json; from pathlib import Path; from launch.consolidation.dcp import read_dcp; "
+            f"s = read_dcp(Path({str(tmp_path / 'ck')!r})); "
+            "print(json.dumps([[t.name, list(t.shape), t.dtype, [[p.ref.path, p.ref.data_offset, p.count] for p in t.pieces]] "
+            "for t in s.tensors])); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed, torch_imported = proc.stdout.strip().splitlines()
+    assert torch_imported == "False"
+    got = {name: (tuple(shape), dtype, pieces) for name, shape, dtype, pieces in json.loads(listed)}
+    assert set(got) == {"w", "b", "steps"}  # "model." dropped as accelerate's wrapper key; the string skipped
+    for fqn, meta in md.state_dict_metadata.items():
+        if fqn == "model.note":
+            continue
+        name = fqn.split(".", 1)[1]
+        assert got[name][:2] == (tuple(meta.size), str(meta.properties.dtype).replace("torch.", ""))
+        infos = [info for idx, info in md.storage_data.items() if idx.fqn == fqn]
+        assert len(got[name][2]) == len(infos) == 1
+        path, offset, count = got[name][2][0]
+        assert path.endswith(infos[0].relative_path) and infos[0].offset <= offset < infos[0].offset + infos[0].length
+    from launch.consolidation.dcp import read_dcp
+    from launch.consolidation.source import FileCache, assemble
+
+    files = FileCache()
+    source = {t.name: t for t in read_dcp(tmp_path / "ck").tensors}
+    assert torch.equal(torch.from_numpy(assemble(source["w"], files)), sd["model"]["w"])
+    assert torch.equal(torch.from_numpy(assemble(source["b"], files, "float32")), sd["model"]["b"].float())
+    files.close()
+
+
+def test_dcp_metadata_pickle_runs_no_code(tmp_path):
+    from launch.consolidation.dcp import read_dcp
+    from launch.consolidation.source import ConsolidateError
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "ran"),))
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ConsolidateError, match=r"\.metadata is not torch\.distributed\.checkpoint metadata"):
+        read_dcp(tmp_path / "ck")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_region_pieces_convert_in_bounded_blocks(tmp_path, monkeypatch):
+    """Chunks split along dim 1 (a box each) and a non-contiguous chunk, converted to bf16 through a
+    staging block smaller than one chunk: the result equals torch's conversion of the whole tensor."""
+    import numpy as np
+    import torch
+
+    from launch.consolidation import source as S
+    from launch.consolidation.torchzip import index_file
+
+    monkeypatch.setattr(S, "BLOCK_BYTES", 64)  # 16 fp32 elements: several blocks per chunk, whole rows each
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(10, 8, generator=g)
+    torch.save({"left": full[:, :3].clone(), "right": full[:, 3:].clone(), "t": full.T.contiguous().T}, tmp_path / "c.pt")
+    refs = index_file(tmp_path / "c.pt")
+    left = S.Piece(refs["left"], 0, 30, region=((0, 10), (0, 3)))
+    right = S.Piece(refs["right"], 0, 50, region=((0, 10), (3, 5)))
+    files = S.FileCache()
+    got = S.assemble(S.SourceTensor("w", (10, 8), "float32", (left, right)), files, "bfloat16")
+    assert np.array_equal(got, _torch_bits(full.to(torch.bfloat16)))
+    assert not refs["t"].is_contiguous
+    strided = S.assemble(S.SourceTensor("t", (10, 8), "float32", (S.Piece(refs["t"], 0, 80),)), files, "float16")
+    assert np.array_equal(strided, full.half().numpy())
+    files.close()

@@ -17,6 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.durable import fsync_dir
+
 log = logging.getLogger("tune_launch")
 MARKER = "tune_launch_complete.json"
 STAGING = ".staging"
@@ -87,6 +89,57 @@ def resolve_resume(setting: str, output_dir: Path) -> Path | None:
     return Path(setting)
 
 
+# --------------------------------------------------------------------------- compatibility
+
+def layout_family(profile: str) -> str:
+    """Checkpoints of profiles in one family load into each other (offload or not); across families they do not."""
+    if profile.startswith("fsdp"):
+        return "fsdp"
+    if profile.startswith("zero"):
+        return f"deepspeed-{profile.split('-')[0]}"
+    return "plain"
+
+
+def run_fingerprint(cfg, info, model) -> dict:
+    """What a checkpoint must share with the run that resumes it: the task, the model's parameter counts (a
+    different base model or LoRA on/off changes them), the LoRA shape, the checkpoint layout, and, for
+    DeepSpeed (whose optimizer partitions are per rank), the world size."""
+    lora = cfg.model.lora
+    out = {"task": cfg.task,
+           "total_params": sum(p.numel() for p in model.parameters()),
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "lora": None if lora is None else {"r": lora.r, "target_modules": lora.target_modules},
+           "layout": layout_family(info.profile)}
+    if out["layout"].startswith("deepspeed"):
+        out["world_size"] = info.world_size
+    return out
+
+
+def incompatibility(saved: dict, current: dict) -> str | None:
+    """The first field that differs between a checkpoint's fingerprint and this run's ('key: saved vs now')."""
+    for key in ("task", "layout", "world_size", "lora", "total_params", "trainable_params"):
+        if key in saved and key in current and saved[key] != current[key]:
+            return f"{key}: checkpoint {saved[key]}, this run {current[key]}"
+    return None
+
+
+def check_resume_compatible(checkpoint: Path, fingerprint: dict) -> None:
+    """Refuse, in one line, to resume a run from a checkpoint another kind of run wrote into the same output_dir
+    (transformers would fail deep inside with a shape or key traceback). Older checkpoints carry no fingerprint."""
+    try:
+        saved = json.loads((checkpoint / MARKER).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(saved, dict):
+        return
+    diff = incompatibility(saved, fingerprint)
+    if diff is not None:
+        from training.config import ConfigError
+
+        raise ConfigError(f"checkpoint.resume: {checkpoint} was written by an incompatible run ({diff}); "
+                          "use a new output_dir, or set checkpoint.resume: never to start over in this one")
+
+
 # --------------------------------------------------------------------------- writing
 
 def fsync_tree(root: Path) -> dict[str, int]:
@@ -98,31 +151,24 @@ def fsync_tree(root: Path) -> dict[str, int]:
             with open(p, "rb+") as fh:
                 os.fsync(fh.fileno())
             sizes[str(p.relative_to(root))] = p.stat().st_size
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
     return sizes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def seal(staging: Path, final: Path, step: int) -> Path:
+def seal(staging: Path, final: Path, step: int, fingerprint: dict | None = None) -> Path:
     """fsync, write the marker, rename staging -> final (replacing a stale folder of that name)."""
     sizes = fsync_tree(staging)
     marker = staging / MARKER
     tmp = staging / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": sizes}, indent=1, sort_keys=True))
+    manifest = {"step": step, "files": sizes, **({"fingerprint": fingerprint} if fingerprint else {})}
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, marker)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -130,6 +176,7 @@ class AtomicCheckpointMixin:
     """Trainer mixin: HF's _save_checkpoint writes into the staging folder, then the folder is sealed."""
 
     _staging_root: str | None = None
+    tune_launch_fingerprint: dict | None = None  # set by training.run: recorded in every checkpoint's marker
 
     def _get_output_dir(self, trial):  # type: ignore[override]
         if self._staging_root is not None:
@@ -159,7 +206,7 @@ class AtomicCheckpointMixin:
         final = run_dir / staging.name
         if args.should_save:
             _save_model_files(self, staging)
-            seal(staging, final, step)
+            seal(staging, final, step, self.tune_launch_fingerprint)
             _rotate(run_dir, limit)
             log.info("checkpoint %s written (atomic, marker %s)", final, MARKER)
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import TextIO
 
 from launch.consolidation import hf_files as H
+from launch.consolidation.arrays import convert, convert_into
 from launch.consolidation.dcp import find_dcp_dir, read_dcp
 from launch.consolidation.hf_source import read_hf_folder
 from launch.consolidation.plan import (PEFT_PREFIX, OutputPlan, OutputTensor, Shard, lora_modules, output_dtype, parse_size,
                                        plan_adapter, plan_model, plan_shards)
 from launch.consolidation.progress import Progress, human_bytes, human_seconds
 from launch.consolidation.source import ConsolidateError, FileCache, Source, assemble, check_bounds
-from launch.consolidation.writer import fsync_dir, write_shards
+from launch.consolidation.writer import write_shards
+from launch.durable import fsync_dir
 from launch.consolidation.zero import find_zero_dir, read_zero
 
 INDEX = "model.safetensors.index.json"
@@ -126,23 +128,25 @@ def _normal(name: str) -> str:
 
 
 def _producer(source: Source, files: FileCache):
-    import torch
-
+    """produce(t, out) -> tensor t as a numpy array (bf16 as uint16 bits), filled into `out` when given."""
     by_name = source.by_name()
 
     def produce(t: OutputTensor, out=None):
-        dtype = getattr(torch, t.dtype)
         if t.lora is None:
-            return assemble(by_name[t.source], files, dtype, out)
-        base = assemble(by_name[t.source], files, torch.float32)
-        a = assemble(by_name[t.lora[0]], files, torch.float32)
-        b = assemble(by_name[t.lora[1]], files, torch.float32)
-        delta = (b @ a) * t.lora[2]  # peft's get_delta_weight, computed in fp32
+            return assemble(by_name[t.source], files, t.dtype, out)
+        import torch  # only LoRA merges need a matmul; it is done in fp32 as peft's get_delta_weight does
+
+        base = torch.from_numpy(assemble(by_name[t.source], files, "float32"))
+        a = torch.from_numpy(assemble(by_name[t.lora[0]], files, "float32"))
+        b = torch.from_numpy(assemble(by_name[t.lora[1]], files, "float32"))
+        delta = (b @ a) * t.lora[2]
         base += delta.T if t.transpose_delta else delta
+        merged = base.numpy()
         if out is None:
-            return base.to(dtype)
-        out.view(base.shape).copy_(base)
-        return out.view(base.shape)
+            return convert(merged, "float32", t.dtype)
+        target = out.reshape(merged.shape)
+        convert_into(target, t.dtype, merged, "float32")
+        return target
 
     return produce
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
-from launch.consolidation.torchzip import ITEMSIZE, TensorRef, TorchZipError, index_slice
+from launch.consolidation.torchzip import ITEMSIZE, TensorRef, TorchZipError, index_slice, load_pickle
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -27,13 +27,30 @@ def find_dcp_dir(path: Path) -> Path | None:
 
 
 def _read_metadata(dcp_dir: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-
+    """`.metadata` through the restricted unpickler: torch's own reader would cost a torch import (~1.5 s)
+    and run the pickle. Its dataclasses come back as records with the same attribute names."""
     try:
-        return FileSystemReader(str(dcp_dir)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ConsolidateError(f"unreadable {dcp_dir / '.metadata'} ({type(e).__name__}: {e}); "
+        md = load_pickle(dcp_dir / ".metadata")
+    except (TorchZipError, OSError) as e:
+        raise ConsolidateError(f"unreadable {dcp_dir / '.metadata'} ({e}); "
                                "the save did not finish or the file is damaged") from None
+    if not isinstance(getattr(md, "state_dict_metadata", None), dict) or not isinstance(getattr(md, "storage_data", None), dict):
+        raise ConsolidateError(f"{dcp_dir / '.metadata'} is not torch.distributed.checkpoint metadata "
+                               "(no state_dict_metadata/storage_data); the file is damaged or of another format")
+    return md
+
+
+def _is_tensor_meta(meta) -> bool:
+    return type(meta).__name__ == "TensorStorageMetadata"
+
+
+def _dtype(meta) -> str:
+    """TensorProperties pickles its fields as a tuple (dtype first) in torch 2.x, as a dict in others."""
+    props = meta.properties
+    dtype = getattr(props, "dtype", None)
+    if dtype is None and isinstance(getattr(props, "state", None), tuple) and props.state:
+        dtype = props.state[0]
+    return str(dtype).replace("torch.", "")
 
 
 def _output_names(md) -> dict[str, str]:
@@ -47,11 +64,17 @@ def _output_names(md) -> dict[str, str]:
 
 
 def read_dcp(dcp_dir: Path) -> Source:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     md = _read_metadata(dcp_dir)
+    try:
+        return _plan(dcp_dir, md)
+    except (AttributeError, TypeError, ValueError) as e:  # a record lacking a field torch writes
+        raise ConsolidateError(f"{dcp_dir / '.metadata'} is not metadata this version understands ({type(e).__name__}: "
+                               f"{e}); the file is damaged, or written by a torch.distributed.checkpoint this tool does not know") from None
+
+
+def _plan(dcp_dir: Path, md) -> Source:
     names = _output_names(md)
-    storage = {(idx.fqn, tuple(idx.offset or ())): info for idx, info in md.storage_data.items()}
+    storage = {(idx.fqn, tuple(getattr(idx, "offset", None) or ())): info for idx, info in md.storage_data.items()}
     files = sorted({info.relative_path for info in storage.values()})
     for rel in files:
         if not (dcp_dir / rel).is_file():
@@ -59,9 +82,11 @@ def read_dcp(dcp_dir: Path) -> Source:
                                    "copy every __<rank>_0.distcp of this save into the folder")
     tensors: list[SourceTensor] = []
     for fqn, meta in md.state_dict_metadata.items():
-        if not isinstance(meta, TensorStorageMetadata):
+        if not _is_tensor_meta(meta):
             continue  # bytes entries (extra state) are not weights
-        dtype = str(meta.properties.dtype).replace("torch.", "")
+        dtype = _dtype(meta)
+        if dtype not in ITEMSIZE:
+            raise ConsolidateError(f"{dcp_dir / '.metadata'}: {fqn} has dtype {dtype!r}, which consolidation does not support")
         shape = tuple(int(s) for s in meta.size)
         pieces = []
         for chunk in meta.chunks:

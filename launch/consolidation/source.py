@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from launch.consolidation.arrays import convert_into, empty, storage_dtype
 from launch.consolidation.torchzip import ITEMSIZE, TensorRef
 from launch.errors import TuneLaunchError
 
@@ -78,17 +81,20 @@ def check_bounds(tensors: list[SourceTensor]) -> None:
                                        "copy the file again or use an earlier checkpoint")
 
 
+BLOCK_BYTES = 64 << 20  # pieces that need converting are read and converted this many source bytes at a time
+
+
 class FileCache:
     """Shard files opened once each for the whole run; pieces are read with positioned reads (preadv).
 
     Measured on this project's CPU box (bench/consolidate.py, 946 MB of ZeRO-3 partitions, warm cache):
     copying out of an mmap costs 1.0-1.8 s in page faults, preadv straight into a reused buffer 0.24 s.
-    Reads land directly in the output buffer, so nothing but the two pooled buffers is ever resident.
+    Reads land directly in the output buffer, so nothing but the pooled buffers is ever resident.
     """
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        self._staging = None
+        self._staging: np.ndarray | None = None
 
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -96,9 +102,9 @@ class FileCache:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def read_into(self, path: str, offset: int, buf) -> None:
-        """Fill `buf` (a contiguous tensor) with the bytes at `offset`; a short file is a truncated shard."""
-        view = memoryview(buf.reshape(-1).view(__import__("torch").uint8).numpy()).cast("B")
+    def read_into(self, path: str, offset: int, buf: np.ndarray) -> None:
+        """Fill `buf` (a contiguous array) with the bytes at `offset`; a short file is a truncated shard."""
+        view = memoryview(buf.reshape(-1).view(np.uint8))
         fd, done = self.fd(path), 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -107,14 +113,12 @@ class FileCache:
                                        "copy the file again or use an earlier checkpoint")
             done += n
 
-    def staging(self, dtype, numel: int):
-        """A reusable buffer for pieces that need converting (grown to the largest piece once)."""
-        import torch
-
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        if self._staging is None or self._staging.numel() < nbytes:
-            self._staging = torch.empty(nbytes, dtype=torch.uint8)
-        return self._staging[:nbytes].view(dtype)
+    def staging(self, dtype: str, numel: int) -> np.ndarray:
+        """A reusable buffer for pieces that need converting (grown to the largest block once)."""
+        nbytes = numel * ITEMSIZE[dtype]
+        if self._staging is None or self._staging.size < nbytes:
+            self._staging = np.empty(nbytes, dtype=np.uint8)
+        return self._staging[:nbytes].view(storage_dtype(dtype))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -123,29 +127,43 @@ class FileCache:
         self._staging = None
 
 
-def assemble(t: SourceTensor, files: FileCache, dtype=None, out=None):
-    """The full tensor in `dtype`, read piece by piece into `out` (a flat buffer of t.numel) or a new one."""
-    import torch
-
-    out_dtype = dtype or getattr(torch, t.dtype)
-    flat = out if out is not None else torch.empty(t.numel, dtype=out_dtype)
+def assemble(t: SourceTensor, files: FileCache, dtype: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """The full tensor in `dtype` (numpy storage dtype; bf16 as uint16 bits), read piece by piece into `out`
+    (a flat array of t.numel) or a new one. Pieces that need converting go through a bounded staging block."""
+    out_dtype = dtype or t.dtype
+    flat = out if out is not None else empty(t.numel, out_dtype)
     for p in t.pieces:
         item = ITEMSIZE[p.ref.dtype]
-        src_dtype = getattr(torch, p.ref.dtype)
         if not p.ref.is_contiguous:
-            storage = torch.empty(p.ref.storage_nbytes // item, dtype=src_dtype)
+            storage = np.empty(p.ref.storage_nbytes // item, dtype=storage_dtype(p.ref.dtype))
             files.read_into(p.ref.path, p.ref.data_offset, storage)
-            src = storage.as_strided(p.ref.shape, p.ref.stride, p.ref.storage_offset).reshape(-1)[p.start:p.start + p.count]
-        else:
-            offset = p.ref.data_offset + (p.ref.storage_offset + p.start) * item
-            if p.region is None and src_dtype == out_dtype:
-                files.read_into(p.ref.path, offset, flat[p.dest:p.dest + p.count])  # straight into the output
-                continue
-            src = files.staging(src_dtype, p.count)
-            files.read_into(p.ref.path, offset, src)
-        if p.region is None:
-            flat[p.dest:p.dest + p.count].copy_(src)
-        else:
-            box = flat.view(t.shape)[tuple(slice(o, o + s) for o, s in p.region)]
-            box.copy_(src.view(tuple(s for _, s in p.region)))
-    return flat.view(t.shape)
+            src = np.lib.stride_tricks.as_strided(
+                storage[p.ref.storage_offset:], p.ref.shape, tuple(s * item for s in p.ref.stride))
+            _place(flat, t.shape, p, 0, src.reshape(-1)[p.start:p.start + p.count], out_dtype, p.ref.dtype)
+            continue
+        offset = p.ref.data_offset + (p.ref.storage_offset + p.start) * item
+        if p.region is None and p.ref.dtype == out_dtype:
+            files.read_into(p.ref.path, offset, flat[p.dest:p.dest + p.count])  # straight into the output
+            continue
+        # Blocks of whole rows of the piece (a region is copied row by row of its first dimension).
+        row = math.prod(s for _, s in p.region[1:]) if p.region else 1
+        step = max(row, (BLOCK_BYTES // item) // row * row)
+        for lo in range(0, p.count, step):
+            n = min(step, p.count - lo)
+            src = files.staging(p.ref.dtype, n)
+            files.read_into(p.ref.path, offset + lo * item, src)
+            _place(flat, t.shape, p, lo, src, out_dtype, p.ref.dtype)
+    return flat.reshape(t.shape)
+
+
+def _place(flat: np.ndarray, shape: tuple[int, ...], p: Piece, lo: int, src: np.ndarray, out_dtype: str,
+           src_dtype: str) -> None:
+    """Elements [lo, lo+len(src)) of piece p, converted, into their place in the flat output."""
+    if p.region is None:
+        convert_into(flat[p.dest + lo:p.dest + lo + src.size], out_dtype, src, src_dtype)
+        return
+    sizes = tuple(s for _, s in p.region)
+    row = math.prod(sizes[1:])
+    first = p.region[0][0] + lo // row
+    box = flat.reshape(shape)[(slice(first, first + src.size // row),) + tuple(slice(o, o + s) for o, s in p.region[1:])]
+    convert_into(box, out_dtype, src.reshape((src.size // row,) + sizes[1:]), src_dtype)

@@ -4,19 +4,17 @@ DCP chunks and DeepSpeed's *_states.pt files are torch.save zip archives. `torch
 their pickles (DeepSpeed's need `weights_only=False`) and read every storage. Here a restricted
 unpickler turns each tensor into a `TensorRef` (absolute byte offset in the file, dtype, shape,
 stride) and every other class into an inert stub, so nothing from the file runs and no tensor data
-is read until `MappedFile.view` maps exactly the bytes asked for.
+is read until a reader asks for exactly those bytes (positioned reads, see source.FileCache).
 """
 
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 _STORAGE_DTYPES = {
@@ -75,7 +73,15 @@ class _Stub:
         self.args = args
 
     def __setstate__(self, state: Any) -> None:
+        """Dataclass-like state becomes attributes (DCP's Metadata, chunks...); anything else stays in `state`."""
         self.state = state
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)) \
+                and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (__dict__, __slots__ values)
+        if isinstance(state, dict):
+            for k, v in state.items():
+                if isinstance(k, str) and k not in ("state", "args"):
+                    self.__dict__[k] = v
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
         return _Stub(*args)
@@ -139,6 +145,8 @@ class _Unpickler(pickle.Unpickler):
             return name  # a dtype object
         if module == "torch" and name == "Size":
             return tuple
+        if (module, name) == ("copyreg", "_reconstructor"):
+            return lambda cls, _base, _state: cls() if isinstance(cls, type) and issubclass(cls, _Stub) else _Stub()
         if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
                               ("builtins", "slice"), ("builtins", "complex")):
             return super().find_class(module, name)
@@ -191,45 +199,25 @@ def index_slice(path: str | os.PathLike, offset: int, length: int) -> Any:
         return _index(_Window(fh, offset, length), offset, str(path))
 
 
-class MappedFile:
-    """A file mapped once; `view` returns a tensor over a byte range; `release` drops its pages from our RSS."""
+def load_pickle(path: str | os.PathLike) -> Any:
+    """A plain pickle file (DCP's .metadata) read with the same rules: classes become inert records whose
+    saved fields are attributes, torch dtypes become their names, and no code from the file runs."""
+    with open(path, "rb") as fh:
+        try:
+            return _Unpickler(fh, {}, str(path)).load()
+        except (pickle.UnpicklingError, EOFError, TorchZipError, ValueError, TypeError, IndexError, KeyError) as e:
+            raise TorchZipError(f"unreadable pickle ({type(e).__name__}: {e})") from None
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = str(path)
-        self.size = Path(path).stat().st_size
-        with open(path, "rb") as fh:
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if self.size else None
 
-    def view(self, ref: TensorRef, start: int = 0, count: int | None = None):
-        """Elements [start, start+count) of a contiguous TensorRef, as a flat tensor over the mapping."""
-        import torch
+def read_small(ref: TensorRef):
+    """A small contiguous tensor (a step counter) as a flat numpy array in its storage dtype."""
+    import numpy as np
 
-        item = ITEMSIZE[ref.dtype]
-        count = ref.numel - start if count is None else count
-        offset = ref.data_offset + (ref.storage_offset + start) * item
-        if offset + count * item > self.size:
-            raise TorchZipError(f"{self.path} is truncated: needs bytes up to {offset + count * item}, has {self.size}")
-        if count == 0:
-            return torch.empty(0, dtype=getattr(torch, ref.dtype))
-        raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=count * item, offset=offset)
-        return raw.view(getattr(torch, ref.dtype))
+    from launch.consolidation.arrays import storage_dtype
 
-    def release(self, ref: TensorRef, start: int = 0, count: int | None = None) -> None:
-        """madvise(DONTNEED) the pages of a range already copied: mapped pages would otherwise count as RSS."""
-        item = ITEMSIZE[ref.dtype]
-        count = ref.numel - start if count is None else count
-        lo = ref.data_offset + (ref.storage_offset + start) * item
-        hi = lo + count * item
-        lo_page = (lo // mmap.PAGESIZE) * mmap.PAGESIZE
-        if self._mm is not None and hi > lo_page and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, lo_page, hi - lo_page)
-            except (OSError, ValueError):
-                pass
-
-    def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a tensor still views it; the mapping goes with the last reference
-                pass
+    item = ITEMSIZE[ref.dtype]
+    with open(ref.path, "rb") as fh:
+        raw = os.pread(fh.fileno(), ref.numel * item, ref.data_offset + ref.storage_offset * item)
+    if len(raw) != ref.numel * item:
+        raise TorchZipError(f"{ref.path} is truncated: a {ref.numel}-element tensor at byte {ref.data_offset} is cut short")
+    return np.frombuffer(raw, dtype=storage_dtype(ref.dtype))

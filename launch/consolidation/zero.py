@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
-from launch.consolidation.torchzip import TensorRef, TorchZipError, index_file
+from launch.consolidation.torchzip import TensorRef, TorchZipError, index_file, read_small
 
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
 
@@ -242,11 +242,11 @@ def _optimizer_step(optim: dict) -> float | None:
     if isinstance(step, (int, float)):
         return float(step)
     if isinstance(step, TensorRef) and step.numel == 1:
-        from launch.consolidation.torchzip import MappedFile
+        from launch.consolidation.arrays import to_float32
 
-        f = MappedFile(step.path)
         try:
-            return float(f.view(step).clone()[0])
-        finally:
-            f.close()
+            return float(to_float32(read_small(step), step.dtype)[0]) if step.dtype in ("bfloat16", "float16") \
+                else float(read_small(step)[0])
+        except TorchZipError as e:
+            raise ConsolidateError(f"truncated or damaged shard {step.path} ({e}); copy it again") from None
     return None
