@@ -35,6 +35,7 @@ SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
 SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 PEER_LOST = re.compile(r"Connection (reset|closed) by peer|remote worker|Broken pipe|communicator was aborted|"
                        r"NCCL (error|communicator)|DistBackendError|[Tt]imed? ?out|Socket Timeout", re.I)
+USER_ERROR = re.compile(r"^(ConfigError|ConsolidateError|TuneLaunchError): ")  # a rank's one-line refusal
 TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
 
@@ -310,6 +311,8 @@ class Supervisor:
         elapsed = max(0.0, time.monotonic() - f.at)
         print(f"tune-launch: error: rank {f.rank} (node {self.plan.node_rank}) failed: {f.detail}; "
               f"every rank had exited {elapsed:.1f} s later", file=self.stream, flush=True)
+        if USER_ERROR.match(f.detail):
+            return 2  # the rank refused bad input (config, checkpoint) in one line: exit as for any bad input
         return code or 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
         code = _run(cfg, info, out, logger, t_start)
         finished = True
         return code
-    except TuneLaunchError as e:  # bad config, failed consolidation: one line
+    except TuneLaunchError as e:  # bad config, failed consolidation: one line, and the line the supervisor reports
         log.error("%s", e)
+        from training.signals import failure_line
+
+        print(failure_line(info.rank, e), file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # noqa: BLE001 - a crash on one rank: name it, and do not wait for peers that may be stuck
         log.exception("rank %d failed: %s: %s", info.rank, type(e).__name__, e)
@@ -42,7 +46,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     from transformers import set_seed
 
     from training import data as D
-    from training.checkpoint import resolve_resume
+    from training.checkpoint import check_resume_compatible, resolve_resume, run_fingerprint
     from training.model import build_model, load_saved_tokenizer, load_tokenizer
     from training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
 
@@ -79,10 +83,14 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     what_ran = WhatRanCallback()
     trainer = build_trainer(cfg, info, args, model, tokenizer, train_ds, eval_ds, metrics)
     trainer.add_callback(what_ran)
+    fingerprint = run_fingerprint(cfg, info, trainer.model)  # after peft wrapped it, before FSDP/DeepSpeed do
+    trainer.tune_launch_fingerprint = fingerprint
     reattach_library_loggers(logger)
     first_batch_check(trainer)
 
     resume = resolve_resume(cfg.checkpoint.resume, out)
+    if resume:
+        check_resume_compatible(resume, fingerprint)
     log.info("resuming from %s", resume) if resume else log.info("starting from step 0 (no complete checkpoint to resume)")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
