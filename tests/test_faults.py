@@ -274,9 +274,9 @@ def test_kill_9_whole_job_during_saves_then_resume_continues_exactly(tmp_path):
         time.sleep(rng.uniform(0, 0.05))
         if proc.poll() is not None:
             break
-        killed_at.append(newest_step(out))
         kill_tree(proc.pid)
         proc.communicate(timeout=30)
+        killed_at.append(newest_step(out))  # read after the kill: a save may have sealed between the check and it
         for p in psutil.process_iter(["cmdline"]):
             assert str(yaml_path) not in " ".join(p.info["cmdline"] or []), "a rank survived kill -9 of the job"
     code, text = finish(launch(yaml_path))
