@@ -273,3 +273,33 @@ def test_region_pieces_convert_in_bounded_blocks(tmp_path, monkeypatch):
     strided = S.assemble(S.SourceTensor("t", (10, 8), "float32", (S.Piece(refs["t"], 0, 80),)), files, "float16")
     assert np.array_equal(strided, full.half().numpy())
     files.close()
+
+
+def test_known_tie_table_matches_transformers(tmp_path):
+    """Every architecture in hf_files.KNOWN_TIES, built tiny on the meta device with tied embeddings, ties
+    exactly what the table says; and a config declaring the tie is planned without importing transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launch.consolidation.hf_files import KNOWN_TIES
+
+    types = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+             "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+             "Phi3ForCausalLM": "phi3", "GraniteForCausalLM": "granite", "OlmoForCausalLM": "olmo",
+             "Olmo2ForCausalLM": "olmo2", "StableLmForCausalLM": "stablelm"}
+    assert set(types) == set(KNOWN_TIES)
+    for arch, model_type in types.items():
+        cfg = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        assert type(model).__name__ == arch
+        ties = {str(k): str(v) for k, v in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
+        assert ties == KNOWN_TIES[arch], (arch, ties)
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                                                      "tie_word_embeddings": True}))
+    code = ("import sys; from pathlib import Path; from launch.consolidation.hf_files import tied_keys; "
+            f"print(tied_keys(Path({str(tmp_path / 'config.json')!r})), 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "({'lm_head.weight': 'model.embed_tokens.weight'}, None) False", proc.stderr

@@ -96,6 +96,8 @@ def test_submit_two_nodes_then_requeue_through_submitit(slurm_cluster, tmp_path)
             proc.kill()
     assert proc.returncode == 0, f"{stdout}\n{stderr}\n{logs()}"
     assert f"submitted job {job}: 2 node(s)" in stdout and f"job {job} completed" in stdout
+    # submitit reads the task's result file; slurmctld may record the end of the job a moment later
+    assert wait_job(job, 60, logs) == "COMPLETED"
     assert sacct_states(job) == ["REQUEUED", "COMPLETED"], logs()
     r = assert_one_world_of_two(out, steps, logs())
     assert 0 < r["resumed_at_step"] < steps, logs()

@@ -16,6 +16,14 @@ from launch.consolidation.source import ConsolidateError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 CONFIG_FILES = ("config.json", "generation_config.json")
+# Decoder LMs whose only tie is the output head to the input embedding (checked against transformers' own
+# `all_tied_weights_keys` in tests/test_consolidate_unit.py): a config that declares the tie needs no
+# transformers import (~2-3 s) to plan a consolidation.
+EMBEDDING_TIE = {"lm_head.weight": "model.embed_tokens.weight"}
+KNOWN_TIES = {arch: EMBEDDING_TIE for arch in (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+    "StableLmForCausalLM")}
 
 
 def candidate_dirs(checkpoint: Path, config_dir: Path | None) -> list[Path]:
@@ -94,6 +102,10 @@ def tied_keys(config_path: Path) -> tuple[dict[str, str], set[str] | None]:
     declared = [c.get("tie_word_embeddings") for c in (raw, raw.get("text_config") or {}) if "tie_word_embeddings" in c]
     if declared and not any(declared):
         return {}, None  # declared untied: no class lookup needed (saves importing transformers, ~2 s)
+    architectures = raw.get("architectures") or []
+    if declared and all(declared) and len(architectures) == 1 and architectures[0] in KNOWN_TIES \
+            and "text_config" not in raw:
+        return dict(KNOWN_TIES[architectures[0]]), None  # declared tied, a known layout: no class lookup either
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
