@@ -35,6 +35,7 @@ SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
 SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 PEER_LOST = re.compile(r"Connection (reset|closed) by peer|remote worker|Broken pipe|communicator was aborted|"
                        r"NCCL (error|communicator)|DistBackendError|[Tt]imed? ?out|Socket Timeout", re.I)
+TAGGED_LINE = re.compile(r"^(\S+ )?\[(node\d+ rank\d+|tune-launch)[\] ]")  # rank log lines and our own
 USER_ERROR = re.compile(r"^(ConfigError|ConsolidateError|TuneLaunchError): ")  # a rank's one-line refusal
 TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
@@ -124,6 +125,8 @@ class Supervisor:
         self.stop_count = 0
         self.ranks: dict[int, int] = {}  # pid -> global rank
         self.gone: dict[int, float] = {}  # global rank -> when it was seen gone
+        self.refused = False  # a rank refused bad input (USER_ERROR): hold the launcher's traceback noise
+        self.held: list[str] = []
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ output
@@ -135,8 +138,15 @@ class Supervisor:
         block_rank: int | None = None
         in_root = False
         for line in iter(pipe.readline, ""):
-            self.stream.write(redact(line))
-            self.stream.flush()
+            with self.lock:
+                # After a rank refused bad input in one line, the launcher's own traceback about that exit is noise:
+                # held back (shown only if the verdict turns out to be something else), rank log lines still shown.
+                hold = self.refused and not TAGGED_LINE.match(line)
+                if hold:
+                    self.held.append(line)
+            if not hold:
+                self.stream.write(redact(line))
+                self.stream.flush()
             with self.lock:
                 self._parse(line, block_rank, in_root)
                 if "Root Cause (first observed failure)" in line:
@@ -155,6 +165,7 @@ class Supervisor:
         m = RANK_FAILED.search(line)
         if m:
             self.messages.setdefault(int(m.group(1)), m.group(2).strip())
+            self.refused = self.refused or bool(USER_ERROR.match(m.group(2).strip()))
             self.first_evidence = self.first_evidence or time.monotonic()
         m = TORCHRUN_FAILED.search(line)
         if m:
@@ -284,8 +295,16 @@ class Supervisor:
         reader.join(timeout=5)
         return self._outcome(code, killed_for)
 
+    def _show_held(self) -> None:
+        if self.held:
+            self.stream.write("".join(redact(line) for line in self.held))
+            self.stream.flush()
+            self.held.clear()
+
     def _outcome(self, code: int, killed_for: str | None) -> int:
         code = 128 - code if code < 0 else code
+        if self.stop_signal is not None:
+            self._show_held()
         if self.stop_signal is not None and code == 0 and killed_for is None:
             self.say(f"stopped by {signal.Signals(self.stop_signal).name}: every rank saved the checkpoint and exited; "
                      "run the same command to resume")
@@ -303,15 +322,21 @@ class Supervisor:
         with self.lock:
             f = self.culprit() if code != 0 or self.messages else None
         if f is None:
+            self._show_held()
             if code == 0:
                 return 0
             reason = killed_for or exit_detail(code)
             print(f"tune-launch: error: the launch failed ({reason}); see the rank logs above", file=self.stream, flush=True)
             return code
+        user_error = bool(USER_ERROR.match(f.detail))
+        if not user_error:
+            self._show_held()
+        elif self.held:
+            self.say(f"({len(self.held)} lines of launcher traceback about that exit not shown)")
         elapsed = max(0.0, time.monotonic() - f.at)
         print(f"tune-launch: error: rank {f.rank} (node {self.plan.node_rank}) failed: {f.detail}; "
               f"every rank had exited {elapsed:.1f} s later", file=self.stream, flush=True)
-        if USER_ERROR.match(f.detail):
+        if user_error:
             return 2  # the rank refused bad input (config, checkpoint) in one line: exit as for any bad input
         return code or 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -22,25 +23,31 @@ def test_fingerprint_compare_names_the_first_difference():
 
 
 @pytest.mark.slow
-def test_lora_run_refuses_a_full_fine_tune_checkpoint(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_lora_run_refuses_a_full_fine_tune_checkpoint(tiny_model_dir, tmp_path, processes):
+    """One process (accelerate's simple launcher) and two (torchrun, ddp): either way the launcher ends with the
+    rank's refusal as its one-line verdict, exit 2, and neither accelerate's nor torchrun's traceback."""
+    profile = "ddp" if processes > 1 else None
     out = tmp_path / "run"
     full = tiny_config(tiny_model_dir, out, train={"max_steps": 2}, checkpoint={"save_steps": 2})
-    check_ok(launch(write_yaml(tmp_path / "full.yaml", full)))
+    check_ok(launch(write_yaml(tmp_path / "full.yaml", full), profile=profile, processes=processes))
     marker = json.loads((out / "checkpoint-2" / "tune_launch_complete.json").read_text())
     assert marker["fingerprint"]["lora"] is None and marker["fingerprint"]["layout"] == "plain"
     assert marker["fingerprint"]["trainable_params"] == marker["fingerprint"]["total_params"] > 0
 
     lora = {**full, "model": {**full["model"], "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
             "train": {**full["train"], "max_steps": 4}}
-    proc = launch(write_yaml(tmp_path / "lora.yaml", lora))
+    proc = launch(write_yaml(tmp_path / "lora.yaml", lora), profile=profile, processes=processes)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]  # the launcher's own one-line verdict names the refusal
-    assert last.startswith("tune-launch: error: rank 0 (node 0) failed: ConfigError: checkpoint.resume: "), last
+    assert re.match(r"tune-launch: error: rank [01] \(node 0\) failed: ConfigError: checkpoint\.resume: ", last), last
     assert "checkpoint-2 was written by an incompatible run (lora: checkpoint None, this run {'r': 4" in last
     assert "use a new output_dir, or set checkpoint.resume: never" in last
+    assert "Traceback" not in proc.stderr  # accelerate's own report of the rank's exit is held back
     assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()  # nothing lost, nothing written
 
     # the way out the message gives: start over in the same folder
-    check_ok(launch(write_yaml(tmp_path / "lora-new.yaml", {**lora, "checkpoint": {**lora["checkpoint"], "resume": "never"}})))
+    check_ok(launch(write_yaml(tmp_path / "lora-new.yaml", {**lora, "checkpoint": {**lora["checkpoint"], "resume": "never"}}),
+                    profile=profile, processes=processes))
     marker = json.loads((out / "checkpoint-4" / "tune_launch_complete.json").read_text())
     assert marker["fingerprint"]["lora"] == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
