@@ -259,3 +259,20 @@ def test_cli_refuses_overwrite_and_one_line_errors(runs, tmp_path):
     check_ok(proc)
     assert proc.stdout.startswith("consolidated deepspeed-zero2 (2 ranks)") and not (out / "keep.txt").exists()
     assert json.loads((out / "consolidation.json").read_text())["dtype"] == "bfloat16"
+
+    # A write that fails midway (here the file-size limit, EFBIG; a full disk is the same path): one line naming
+    # the cause, the previous output untouched, no temporary folder left behind.
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+
+    before = (out / "consolidation.json").read_bytes()
+    proc = subprocess.run([*argv[:-2], "--dtype", "fp32", "--force"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 2 and "File too large" in proc.stderr and "nothing was replaced" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert (out / "consolidation.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

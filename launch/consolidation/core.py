@@ -176,6 +176,17 @@ def consolidate_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dt
     check_bounds(source.tensors)
     plan, config, dirs, out_dtype, source = plan_output(source, src, dtype=dtype, max_shard_size=max_shard_size,
                                                 merge_lora=merge_lora, config_dir=Path(config_dir) if config_dir else None)
+    try:
+        return _consolidate(src, dst, source, plan, config, dirs, out_dtype, t0, verify=verify, force=force,
+                            progress=progress)
+    except OSError as e:  # disk full, file too large, permissions, I/O error: name the file, keep what was there
+        where = e.filename or dst
+        raise ConsolidateError(f"consolidating into {dst} failed at {where}: {e.strerror or e}; nothing was replaced "
+                               "(free space or choose another folder, then run again)") from None
+
+
+def _consolidate(src: Path, dst: Path, source: Source, plan: OutputPlan, config: dict, dirs: list[Path], out_dtype: str,
+                 t0: float, *, verify: bool, force: bool, progress: TextIO | None) -> ConsolidateResult:
     tmp = _prepare_destination(dst, src, force)
     files = FileCache()
     try:
@@ -233,7 +244,12 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         os.replace(dst, old)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)  # put the previous output back: never leave the user with neither
+        raise
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
