@@ -26,7 +26,8 @@ RUNS = {  # name: (profile, tied embeddings, lora, save_steps)
     "zero3": ("zero3", False, None, 1),
     "lora": ("fsdp", False, LORA, 2),
     "zero3-offload": ("zero3-offload", False, None, 2),
-    "zero1": ("zero1", False, None, 2),  # no shipped profile: zero2's exact command with a stage-1 DeepSpeed config
+    "zero1": ("zero1", False, None, 2),
+    "lora-zero3": ("zero3", False, LORA, 2),  # LoRA under ZeRO-3: partitioned adapters, frozen base weights  # no shipped profile: zero2's exact command with a stage-1 DeepSpeed config
 }
 
 
@@ -186,11 +187,14 @@ def test_fsdp_tied_equals_accelerate_merge_weights_and_trained_logits(runs, tmp_
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_lora_adapter_folder_and_merge(runs, tmp_path):
+@pytest.mark.parametrize("run", ["lora", "lora-zero3"])
+def test_lora_adapter_folder_and_merge(runs, tmp_path, run):
+    """FSDP and ZeRO-3 LoRA checkpoints: the adapter folder equals what peft saved at the same step; the merge
+    gives the logits of peft's merge_and_unload."""
     import torch
     from safetensors.torch import load_file
 
-    ckpt, final = runs["lora"] / "checkpoint-2", runs["lora"] / "final"
+    ckpt, final = runs[run] / "checkpoint-2", runs[run] / "final"
     adapter = _consolidate(ckpt, tmp_path / "adapter", dtype="fp32")
     assert adapter.kind == "adapter"
     ref = load_file(str(final / "adapter_model.safetensors"))
