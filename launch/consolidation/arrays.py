@@ -12,7 +12,6 @@ import numpy as np
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64,
             "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
             "bool": np.bool_}
-FLOATS = ("float32", "float16", "bfloat16", "float64")
 
 
 def storage_dtype(dtype: str) -> np.dtype:

@@ -24,8 +24,8 @@ from launch.consolidation.plan import (PEFT_PREFIX, OutputPlan, OutputTensor, Sh
 from launch.consolidation.progress import Progress, human_bytes, human_seconds
 from launch.consolidation.source import ConsolidateError, FileCache, Source, assemble, check_bounds
 from launch.consolidation.writer import write_shards
-from launch.durable import fsync_dir
 from launch.consolidation.zero import find_zero_dir, read_zero
+from launch.durable import fsync_dir
 
 INDEX = "model.safetensors.index.json"
 REPORT = "consolidation.json"

@@ -81,6 +81,18 @@ def check_bounds(tensors: list[SourceTensor]) -> None:
                                        "copy the file again or use an earlier checkpoint")
 
 
+def pread_exact(fd: int, buf: np.ndarray, offset: int) -> bool:
+    """Fill contiguous `buf` with the bytes at `offset` of `fd` (positioned reads, retried when short);
+    False when the file ends first."""
+    view, done = memoryview(buf.reshape(-1).view(np.uint8)), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            return False
+        done += n
+    return True
+
+
 BLOCK_BYTES = 64 << 20  # pieces that need converting are read and converted this many source bytes at a time
 
 
@@ -104,14 +116,9 @@ class FileCache:
 
     def read_into(self, path: str, offset: int, buf: np.ndarray) -> None:
         """Fill `buf` (a contiguous array) with the bytes at `offset`; a short file is a truncated shard."""
-        view = memoryview(buf.reshape(-1).view(np.uint8))
-        fd, done = self.fd(path), 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise ConsolidateError(f"truncated shard {path}: ends before byte {offset + len(view)}; "
-                                       "copy the file again or use an earlier checkpoint")
-            done += n
+        if not pread_exact(self.fd(path), buf, offset):
+            raise ConsolidateError(f"truncated shard {path}: ends before byte {offset + buf.nbytes}; "
+                                   "copy the file again or use an earlier checkpoint")
 
     def staging(self, dtype: str, numel: int) -> np.ndarray:
         """A reusable buffer for pieces that need converting (grown to the largest block once)."""

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.consolidation.arrays import storage_dtype
+from launch.consolidation.arrays import as_bytes, storage_dtype
 from launch.consolidation.hf_source import read_safetensors_file
 from launch.consolidation.plan import SAFETENSORS_DTYPES, OutputTensor, Shard
-from launch.consolidation.source import ConsolidateError
-from launch.consolidation.writer import tensor_bytes
+from launch.consolidation.source import ConsolidateError, pread_exact
 
 
 def _library_view(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -63,10 +62,11 @@ def verify_output(folder: Path, shards: list[Shard], hashes: dict[str, str],
                 if ref.data_offset != position or ref.storage_nbytes != t.nbytes:
                     raise ConsolidateError(f"--verify: {t.name} in {shard.file} is not where the plan put it")
                 got = got_buf[:t.nbytes]
-                _pread_into(fd, got, position, path)
+                if not pread_exact(fd, got, position):
+                    raise ConsolidateError(f"--verify: {path} ends before byte {position + t.nbytes}")
                 sha.update(got)
                 position += t.nbytes
-                want = tensor_bytes(produce(t, want_buf[:t.nbytes].view(storage_dtype(t.dtype))))
+                want = as_bytes(produce(t, want_buf[:t.nbytes].view(storage_dtype(t.dtype))))
                 if not np.array_equal(got, want):
                     raise ConsolidateError(f"--verify: {t.name} in {shard.file} differs from the checkpoint")
                 checked += 1
@@ -80,11 +80,3 @@ def verify_output(folder: Path, shards: list[Shard], hashes: dict[str, str],
                                    f"{str(hashes.get(shard.file))[:12]}...; the disk changed it, do not use this output")
     return checked
 
-
-def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
-    view, done = memoryview(buf), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise ConsolidateError(f"--verify: {path} ends before byte {offset + len(view)}")
-        done += n

@@ -47,15 +47,6 @@ def header_bytes(tensors: tuple[OutputTensor, ...], metadata: dict[str, str] | N
     return len(raw).to_bytes(8, "little") + raw
 
 
-def tensor_bytes(t) -> np.ndarray:
-    """A tensor's bytes, flat: a numpy array (bf16 as uint16 bits) or a torch tensor (viewed, not copied)."""
-    if isinstance(t, np.ndarray):
-        return as_bytes(t)
-    import torch
-
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def aligned_buffer(nbytes: int) -> np.ndarray:
     """Page-aligned anonymous memory (what O_DIRECT needs), as a uint8 array."""
     return np.frombuffer(mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE)), dtype=np.uint8)
@@ -182,7 +173,7 @@ def write_shards(shards: list[Shard], folder: Path, produce: Callable[..., objec
                     continue
                 if kind == "tensor":
                     sink, spec, tensor, buf, lead = payload
-                    data = tensor_bytes(tensor)
+                    data = as_bytes(tensor)
                     if len(data) != spec.nbytes:
                         raise ConsolidateError(f"{spec.name}: produced {len(data)} bytes, planned {spec.nbytes}")
                     if data.ctypes.data != buf.ctypes.data + lead:  # produce returned new memory: move it in place
@@ -233,10 +224,3 @@ def write_shards(shards: list[Shard], folder: Path, produce: Callable[..., objec
         raise failure[0]
     return hashes
 
-
-def sha256_file(path: Path, block: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()

@@ -245,8 +245,8 @@ def _optimizer_step(optim: dict) -> float | None:
         from launch.consolidation.arrays import to_float32
 
         try:
-            return float(to_float32(read_small(step), step.dtype)[0]) if step.dtype in ("bfloat16", "float16") \
-                else float(read_small(step)[0])
+            value = read_small(step)
+            return float((to_float32(value, "bfloat16") if step.dtype == "bfloat16" else value)[0])
         except TorchZipError as e:
             raise ConsolidateError(f"truncated or damaged shard {step.path} ({e}); copy it again") from None
     return None
