@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
@@ -30,7 +30,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) tests
 
 bench-consolidate: setup
-	$(PY) bench/consolidate.py
+	0PY) -m bench.consolidate
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

@@ -1,6 +1,6 @@
 """Benchmark: `tune-launch consolidate` vs zero_to_fp32 and `accelerate merge-weights` on real 300M checkpoints.
 
-    .venv/bin/python bench/consolidate.py [--work DIR] [--layers 26] [--repeats 3]
+    .venv/bin/python -m bench.consolidate [--work DIR] [--layers 26] [--repeats 3]
 
 Makes a random ~307M-parameter Llama (26 layers, hidden 1024, vocab = its 300-token local tokenizer),
 trains it 1 step with the zero3 and fsdp profiles on 2 CPU processes (the real launcher), then times
@@ -31,16 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-sys.path.insert(0, str(ROOT))
-from bench import common as C  # noqa: E402
+from bench import common as C  # noqa: E402  (run as `python -m bench.consolidate` from the repository root)
 
 
 def make_model(folder: Path, layers: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT))
-    from training.synthetic import pretrain_texts, train_tokenizer
+    from tune_launch.training.synthetic import pretrain_texts, train_tokenizer
 
     tok = train_tokenizer([r["text"] for r in pretrain_texts(200, 0)], vocab_size=300)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
@@ -68,10 +66,10 @@ def train(model_dir: Path, out: Path, profile: str) -> float:
            "output_dir": str(out), "seed": 0}
     path = out.parent / f"{profile}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
     t = time.perf_counter()
-    proc = subprocess.run([PY, "-m", "launch.cli", "--cpu", "--num-processes", "2", "--profile", profile, str(path)],
+    proc = subprocess.run([PY, "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "2", "--profile", profile, str(path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         sys.exit(f"training {profile} failed:\n{proc.stderr[-4000:]}")
@@ -96,7 +94,7 @@ def measure_once(name: str, argv: list[str], out: Path, shards: list[Path]) -> d
     """Wall time and peak RSS (this child alone, from wait4) of one tool writing into `out`."""
     _settle(out)
     _warm(shards)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     t = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.reuse and facts_file.is_file()):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        made = subprocess.run([PY, __file__, "--make-model", str(work / "model"), str(args.layers)], cwd=ROOT,
+        made = subprocess.run([PY, "-m", "bench.consolidate", "--make-model", str(work / "model"), str(args.layers)], cwd=ROOT,
                               capture_output=True, text=True, timeout=1800)
         if made.returncode != 0:
             sys.exit(f"making the model failed:\n{made.stderr[-3000:]}")
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         copy = raw_copy(shards, work / "copy", args.repeats)
         print(f"  raw copy: median {copy['wall_s']:.2f} s of {copy['wall_samples_s']}", flush=True)
         def consolidate(dst: Path, *extra: str) -> list[str]:
-            return [PY, "-m", "launch.cli", "consolidate", str(ckpt), str(dst), "--dtype", "fp32", "--quiet",
+            return [PY, "-m", "tune_launch.launch.cli", "consolidate", str(ckpt), str(dst), "--dtype", "fp32", "--quiet",
                     "--max-shard-size", "5GB", "--config", str(work / "model"), *extra]
 
         if profile == "zero3":

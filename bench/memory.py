@@ -1,8 +1,8 @@
 """The memory plan against the measured peak, one GPU: full fine-tune with and without gradient
 checkpointing, LoRA and QLoRA, at two sequence lengths.
 
-    python3 bench/memory.py                                  # 8 cases on the GPU, JSON in bench/results/
-    python3 bench/memory.py --device cpu --tiny --cases full lora --steps 1   # smoke run (no measurement)
+    python -m bench.memory                                  # 8 cases on the GPU, JSON in bench/results/
+    python -m bench.memory --device cpu --tiny --cases full lora --steps 1   # smoke run (no measurement)
 
 Each case runs in its own subprocess through the training path (training.model.build_model from a saved
 random-init checkpoint of the TinyLlama-1.1B shape, training.trainer.arguments/build_trainer with the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,10 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import common as C  # noqa: E402
+from bench import common as C  # run as `python -m bench.memory` from the repository root
 
 CASES = ("full", "full_gc", "lora", "qlora")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -51,10 +47,10 @@ def case_config(case: str, model_dir: str, seq_len: int, micro_batch: int, steps
 
 def predicted_bytes(cfg, facts, gpu_memory_gib: float) -> dict[str, float]:
     """What the launcher's memory model says for this config on one GPU, term by term."""
-    from launch.hardware import Hardware
-    from launch.memory import estimate_memory
-    from launch.plan import Placement, workload_for
-    from launch.profiles import PROFILES
+    from tune_launch.launch.hardware import Hardware
+    from tune_launch.launch.memory import estimate_memory
+    from tune_launch.launch.plan import Placement, workload_for
+    from tune_launch.launch.profiles import PROFILES
 
     hw = Hardware(gpus_per_node=1, gpu_memory_gib=gpu_memory_gib or 80.0, bf16=True)
     wl = workload_for(cfg, Placement("cuda", 1, 1), hw, micro_batch=cfg.train.micro_batch_size,
@@ -81,12 +77,12 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from bench.throughput import _VocabOnly
-    from launch.model_facts import model_facts
-    from training.config import validate_config
-    from training.distributed import RankInfo
-    from training.model import build_model
-    from training.packing import pack_best_fit
-    from training.trainer import MetricsCallback, arguments, build_trainer
+    from tune_launch.launch.model_facts import model_facts
+    from tune_launch.training.config import validate_config
+    from tune_launch.training.distributed import RankInfo
+    from tune_launch.training.model import build_model
+    from tune_launch.training.packing import pack_best_fit
+    from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     cuda = args.device == "cuda"
     sh = C.TINY if args.tiny else C.TINYLLAMA_1B
@@ -152,13 +148,12 @@ def run_all(args: argparse.Namespace) -> int:
 def _subprocess_case(case: str, seq_len: int, mb: int, model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         res_file = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--json-out", res_file,
+    cmd = [sys.executable, "-m", "bench.memory", "--worker", case, "--json-out", res_file,
            "--model-dir", model_dir, "--seq-len", str(seq_len), "--micro-batch", str(mb), "--steps", str(args.steps),
            "--device", args.device] + (["--tiny"] if args.tiny else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(C.ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, env=env, cwd=C.ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout, cwd=C.ROOT)
         row = json.loads(Path(res_file).read_text()) if proc.returncode == 0 else \
             {"case": case, "seq_len": seq_len, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
     except subprocess.TimeoutExpired:

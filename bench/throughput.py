@@ -1,7 +1,7 @@
 """Training throughput of tune-launch's training path against plain Hugging Face Trainer, side by side.
 
-    python3 bench/throughput.py                      # all variants on the GPU, JSON in bench/results/
-    python3 bench/throughput.py --device cpu --tiny --steps 2 --warmup 1   # smoke run, under a minute
+    python -m bench.throughput                      # all variants on the GPU, JSON in bench/results/
+    python -m bench.throughput --device cpu --tiny --steps 2 --warmup 1   # smoke run, under a minute
 
 Model: the TinyLlama-1.1B shape, random init (`--tiny`: a 2-layer toy). Data: random token documents with
 log-normal lengths (median 200, sigma 1, clipped at 2048), the same documents for every variant. Each variant
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import common as C  # noqa: E402
+from bench import common as C  # run as `python -m bench.throughput` from the repository root
 
 BASELINES = ("pad1024", "packed", "packed_fused", "packed_fused_compile")
 OURS = ("ours", "ours_compile", "ours_sdpa")
@@ -159,13 +155,14 @@ def _ours_trainer(variant: str, args: argparse.Namespace, sh: dict[str, Any], do
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from launch.model_facts import model_facts
-    from training.config import validate_config
-    from training.packing import pack_best_fit
-    from training.distributed import RankInfo
-    from training.model import build_model
-    from training.perf import DeviceFacts, decide, plan_batch
-    from training.trainer import MetricsCallback, arguments, build_trainer
+    from tune_launch.launch.model_facts import model_facts
+    from tune_launch.training.config import validate_config
+    from tune_launch.training.packing import pack_best_fit
+    from tune_launch.training.distributed import RankInfo
+    from tune_launch.training.model import build_model
+    from tune_launch.launch.plan import plan_batch
+    from tune_launch.training.perf import DeviceFacts, decide
+    from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     raw = {
         "model": {"config": dict(sh["model"])},
@@ -283,11 +280,10 @@ def run_all(args: argparse.Namespace, argv_tail: list[str]) -> int:
     for v in args.variants:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             res_file = f.name
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", v, "--json-out", res_file, *argv_tail]
+        cmd = [sys.executable, "-m", "bench.throughput", "--worker", v, "--json-out", res_file, *argv_tail]
         t0 = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(C.ROOT), os.environ.get("PYTHONPATH")]))}
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, env=env, cwd=C.ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, cwd=C.ROOT)
             if proc.returncode == 0:
                 row = json.loads(Path(res_file).read_text())
             else:

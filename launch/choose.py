@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from launch.errors import TuneLaunchError
-from launch.hardware import GIB, Hardware
-from launch.memory import MemoryEstimate, Workload, estimate_memory, gpu_budget_bytes
-from launch.model_facts import ModelFacts
-from launch.profiles import PROFILES, Profile
+from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.hardware import GIB, Hardware
+from tune_launch.launch.memory import MemoryEstimate, Workload, estimate_memory, gpu_budget_bytes
+from tune_launch.launch.model_facts import ModelFacts
+from tune_launch.launch.profiles import PROFILES, Profile
 
 CHECKPOINTING_SPEED = 0.75  # recomputing the forward costs about a third more compute
 CPU_RAM_USABLE = 0.9

@@ -15,14 +15,15 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from launch.errors import TuneLaunchError
+from tune_launch.errors import TuneLaunchError
 
 SUBCOMMANDS = ("detect", "profiles", "plan", "submit", "consolidate", "run")
-EXTERNAL = {"submit": "launch.submit", "consolidate": "launch.consolidate"}
+EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate"}
 
 
 def add_launch_arguments(p: argparse.ArgumentParser, *, planning: bool = False) -> None:
@@ -69,7 +70,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- inputs (the only side-effect readers)
 
 def _hardware(args: argparse.Namespace, env: Mapping[str, str], output_dir: str = "."):
-    from launch.hardware import detect_hardware, load_hardware
+    from tune_launch.launch.hardware import detect_hardware, load_hardware
 
     if args.hardware is not None:
         return load_hardware(args.hardware)
@@ -77,7 +78,7 @@ def _hardware(args: argparse.Namespace, env: Mapping[str, str], output_dir: str 
 
 
 def _request(args: argparse.Namespace, planning: bool):
-    from launch.plan import LaunchRequest
+    from tune_launch.launch.plan import LaunchRequest
 
     for flag in ("gpus", "nodes"):
         value = getattr(args, flag)
@@ -95,9 +96,9 @@ def _request(args: argparse.Namespace, planning: bool):
 
 
 def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool):
-    from launch.plan import make_plan
-    from launch.profiles import get_profile
-    from training.config import check_device, load_config
+    from tune_launch.launch.plan import make_plan
+    from tune_launch.launch.profiles import get_profile
+    from tune_launch.training.config import check_device, load_config
 
     if args.profile != "auto":
         get_profile(args.profile)  # unknown names fail before anything slow
@@ -111,7 +112,7 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool)
     needs_facts = planning or (not request.cpu and hw.has_gpu)
     facts = None
     if needs_facts:
-        from launch.model_facts import model_facts
+        from tune_launch.launch.model_facts import model_facts
         facts = model_facts(cfg.model)
     plan = make_plan(request, cfg, hw, facts)
     check_device(cfg, plan.device, str(request.config_path))
@@ -121,7 +122,7 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool)
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_detect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from launch.hardware import describe, detect_hardware, detect_json
+    from tune_launch.launch.hardware import describe, detect_hardware, detect_json
 
     hw = detect_hardware(args.output_dir, env)
     print(json.dumps(detect_json(hw), indent=2, sort_keys=True) if args.json else describe(hw))
@@ -129,16 +130,16 @@ def cmd_detect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from launch.profiles import describe_profiles
+    from tune_launch.launch.profiles import describe_profiles
 
     print(describe_profiles())
     return 0
 
 
 def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from launch.report import plan_json, plan_table
+    from tune_launch.launch.report import plan_json, plan_table
 
-    from launch.preflight import format_findings, run_preflight
+    from tune_launch.launch.preflight import format_findings, run_preflight
 
     plan, facts, hw, cfg = _make_plan(args, env, planning=True)
     findings = run_preflight(cfg, plan, hw, env, facts)
@@ -157,8 +158,8 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from launch.preflight import raise_on_errors, run_preflight
-    from launch.run import execute, format_dry_run, with_port
+    from tune_launch.launch.preflight import raise_on_errors, run_preflight
+    from tune_launch.launch.run import execute, format_dry_run, with_port
 
     plan, facts, hw, cfg = _make_plan(args, env, planning=False)
     plan = with_port(plan)
@@ -168,7 +169,13 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.dry_run:
         print(format_dry_run(plan, env))
         return 0
-    return execute(plan, env)
+    started_at = time.time()
+    code = execute(plan, env)
+    if code == 0 and cfg.consolidate.enabled and plan.node_rank == 0:
+        from tune_launch.launch.consolidate import consolidate_finished_run
+
+        consolidate_finished_run(cfg, started_at)
+    return code
 
 
 def dispatch(argv: list[str], env: Mapping[str, str]) -> int:

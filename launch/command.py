@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from launch.plan import LaunchPlan
+from tune_launch.launch.plan import LaunchPlan
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train.py"
-PROJECT_ROOT = TRAIN_SCRIPT.parent.parent
-SECRET_NAME = re.compile(r"(?:^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIALS?)(?:$|_)", re.I)
-SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{30,}|xox[bap]-[A-Za-z0-9-]{10,})")
-
-
-def train_script() -> Path:
-    """The shared training script: from the checkout, or the installed `training` package."""
-    if TRAIN_SCRIPT.is_file():
-        return TRAIN_SCRIPT
-    import training
-
-    return Path(training.__file__).resolve().parent / "train.py"
+TRAIN_MODULE = "tune_launch.training.train"  # started by module name: the same in a checkout and a wheel
 
 
 def build_command(plan: LaunchPlan, node_rank: int | None = None, python: str | None = None) -> list[str]:
@@ -35,7 +22,7 @@ def build_command(plan: LaunchPlan, node_rank: int | None = None, python: str | 
     if plan.world_size > 1:
         argv += ["--machine_rank", str(rank), "--main_process_ip", plan.main_process_ip,
                  "--main_process_port", str(plan.main_process_port if plan.main_process_port is not None else 0)]
-    argv += [str(train_script()), str(Path(plan.config_path).resolve()), *plan.overrides]
+    argv += ["--module", TRAIN_MODULE, str(Path(plan.config_path).resolve()), *plan.overrides]
     return argv
 
 
@@ -43,11 +30,9 @@ def build_env(plan: LaunchPlan, base_env: Mapping[str, str], node_rank: int | No
     """The variables the launch sets on top of `base_env` (only the changes; `full_env` merges them)."""
     rank = plan.node_rank if node_rank is None else node_rank
     threads = max(1, plan.cpu_cores // max(plan.processes_per_node, 1))
-    pythonpath = str(PROJECT_ROOT) + (":" + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else "")
     env = {
         "OMP_NUM_THREADS": base_env.get("OMP_NUM_THREADS", str(threads)),
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": pythonpath,
         "TUNE_LAUNCH_PROFILE": plan.profile.name,
         "TUNE_LAUNCH_DEVICE": plan.device,
         "TUNE_LAUNCH_NODE_RANK": str(rank),
@@ -66,16 +51,6 @@ def full_env(plan: LaunchPlan, base_env: Mapping[str, str], node_rank: int | Non
     merged = dict(base_env)
     merged.update(build_env(plan, base_env, node_rank))
     return merged
-
-
-def redact(text: str) -> str:
-    """Mask values that look like tokens or keys (hf_..., sk-..., AKIA...) anywhere in a string."""
-    return SECRET_VALUE.sub(lambda m: m.group(0)[:3] + "***", text)
-
-
-def redact_env(env: Mapping[str, str]) -> dict[str, str]:
-    """Environment for printing: secret-looking names and values masked."""
-    return {k: ("***" if SECRET_NAME.search(k) and v else redact(v)) for k, v in env.items()}
 
 
 def shell_quote(argv: list[str]) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import TextIO
 
-from launch.consolidation import consolidate_checkpoint
+from tune_launch.launch.consolidation import consolidate_checkpoint
 
 EPILOG = """examples:
   tune-launch consolidate outputs/run/checkpoint-500 outputs/run/hf --dtype bf16
@@ -43,3 +45,26 @@ def run_from_args(args: argparse.Namespace) -> int:
                                     config_dir=args.config_dir, progress=None if (args.quiet or args.json) else sys.stderr)
     print(json.dumps(result.to_json(), indent=1, sort_keys=True) if args.json else result.summary(), flush=True)
     return 0
+
+
+def consolidate_finished_run(cfg, started_at: float, stream: TextIO = sys.stderr) -> Path | None:
+    """consolidate.enabled: after every rank has exited cleanly, stream the run's newest checkpoint into HF
+    safetensors at output_dir/consolidated (on the launcher, so no rank waits in a barrier meanwhile).
+
+    Only a run that finished does so: rank 0 writes run_report.json at the very end, which a run stopped by a
+    signal (checkpoint, then exit for a requeue) never reaches."""
+    from tune_launch.training.checkpoint import find_resume_checkpoint
+
+    out = Path(cfg.output_dir)
+    report = out / "run_report.json"
+    if not report.is_file() or report.stat().st_mtime < started_at:
+        return None
+    checkpoint = find_resume_checkpoint(out, warn=False)
+    if checkpoint is None:
+        print("[tune-launch] consolidate.enabled: no complete checkpoint to consolidate", file=stream, flush=True)
+        return None
+    c = cfg.consolidate
+    result = consolidate_checkpoint(checkpoint, out / "consolidated", dtype=c.dtype, max_shard_size=c.max_shard_size,
+                                    merge_lora=c.merge_lora, force=True, progress=None)
+    print(f"[tune-launch] {result.summary()}", file=stream, flush=True)
+    return out / "consolidated"

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from launch.errors import TuneLaunchError
+from tune_launch.errors import TuneLaunchError
 
 GIB = 1024**3
 

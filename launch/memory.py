@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.model_facts import ModelFacts
-from launch.profiles import Profile
+from tune_launch.launch.model_facts import ModelFacts
+from tune_launch.launch.profiles import Profile
 
 GIB = 1024**3
 FIXED_OVERHEAD_BYTES = int(1.25 * GIB)  # CUDA context, cuBLAS workspace, allocator slack

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launch.errors import TuneLaunchError
+from tune_launch.errors import TuneLaunchError
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from launch.choose import Candidate, Choice, build_table, choose_profile
-from launch.errors import TuneLaunchError
-from launch.hardware import Hardware
-from launch.memory import Workload, gpu_budget_bytes
-from launch.model_facts import ModelFacts
-from launch.profiles import PROFILES, REHEARSAL_PROFILES, Profile, get_profile
+from tune_launch.launch.choose import Candidate, Choice, build_table, choose_profile
+from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.hardware import Hardware
+from tune_launch.launch.memory import Workload, gpu_budget_bytes
+from tune_launch.launch.model_facts import ModelFacts
+from tune_launch.launch.profiles import PROFILES, REHEARSAL_PROFILES, Profile, get_profile
 
 CPU_MICRO_BATCH = 8
 
@@ -170,7 +170,7 @@ def make_plan(request: LaunchRequest, cfg, hw: Hardware, facts: ModelFacts | Non
 
     port = request.main_process_port
     if port is None and hw.slurm is not None and nodes > 1:
-        from launch.slurm import port_from_job_id
+        from tune_launch.launch.slurm import port_from_job_id
         port = port_from_job_id(hw.slurm.job_id, hw.slurm.restart_count)  # as slurm/*.sh: a requeue gets a new port
     if nodes > 1 and port is None and not request.planning:
         raise TuneLaunchError("--main-process-port: a multi-node launch needs the same port on every node (or run inside SLURM)")
@@ -188,15 +188,15 @@ def _explicit_choice(profile: Profile, facts: ModelFacts, hw: Hardware, workload
     rows = build_table(facts, hw, workload, gc_fixed)
     mine = [r for r in rows if r.profile.name == profile.name]
     if not mine:  # e.g. single-gpu asked on 8 GPUs: estimate it anyway
-        from launch.choose import Candidate as _C
-        from launch.memory import estimate_memory
+        from tune_launch.launch.choose import Candidate as _C
+        from tune_launch.launch.memory import estimate_memory
 
         est = estimate_memory(profile, facts, hw.total_gpus, hw.gpus_per_node, workload)
         mine = [_C(profile, est, est.total <= gpu_budget_bytes(hw.gpu_memory_gib), True, profile.relative_speed)]
     pick = next((r for r in mine if r.fits), mine[0])
     mb = workload.micro_batch_size
     if auto_mb:
-        from launch.choose import _largest_micro_batch
+        from tune_launch.launch.choose import _largest_micro_batch
         mb = _largest_micro_batch(pick, facts, hw, workload)
     return Choice(pick, mb, "", tuple(rows))
 
@@ -225,10 +225,27 @@ def _rendezvous(request: LaunchRequest, placement: Placement, hw: Hardware) -> t
         raise TuneLaunchError(f"--node-rank {node_rank}: must be between 0 and {nodes - 1} for --nodes {nodes}")
     ip = request.main_process_ip
     if ip is None and hw.slurm is not None and nodes > 1:
-        from launch.slurm import expand_nodelist
+        from tune_launch.launch.slurm import expand_nodelist
         ip = expand_nodelist(hw.slurm.nodelist)[0]
     if ip is None:
         if nodes > 1 and not request.planning:
             raise TuneLaunchError("--main-process-ip: a multi-node launch needs the address of node 0 (or run inside SLURM)")
         ip = "127.0.0.1"
     return nodes, node_rank, ip
+
+
+def plan_batch(cfg, dev, facts: ModelFacts | None, world_size: int = 1) -> tuple[int, bool]:
+    """(micro batch, gradient checkpointing) from the launcher's memory planner, for a run started without it.
+
+    Values the YAML fixes are kept; `auto` ones are planned for this GPU as the launcher would."""
+    t = cfg.train
+    mb_fixed = t.micro_batch_size if isinstance(t.micro_batch_size, int) else None
+    gc_fixed = t.gradient_checkpointing if isinstance(t.gradient_checkpointing, bool) else None
+    if mb_fixed is not None and gc_fixed is not None:
+        return mb_fixed, gc_fixed
+    if dev.kind != "cuda" or not dev.memory_gib:
+        return mb_fixed or 8, bool(gc_fixed)
+    hw = Hardware(gpus_per_node=world_size, gpu_name=dev.name, gpu_memory_gib=dev.memory_gib, bf16=dev.bf16)
+    workload = workload_for(cfg, Placement("cuda", world_size, 1), hw, micro_batch=mb_fixed or 1)
+    choice = choose_profile(facts, hw, workload, gc_fixed, auto_micro_batch=mb_fixed is None)
+    return choice.micro_batch_size, choice.candidate.estimate.gradient_checkpointing

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from launch.errors import TuneLaunchError
+from tune_launch.errors import TuneLaunchError
 
 GIB = 1024**3
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout default: what waiting ranks allow

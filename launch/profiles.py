@@ -1,18 +1,18 @@
 """The shipped profiles: a name, what it shards or offloads, and the config files that implement it.
 
 The files live in `accelerate_configs/` and `deepspeed_configs/` at the repository root; an installed
-wheel carries them as the packages `launch.accelerate_configs` / `launch.deepspeed_configs`.
+wheel carries them as `tune_launch/accelerate_configs/` and `tune_launch/deepspeed_configs/`. Both sit next to
+this module's parent folder (`launch/..` in a checkout, `tune_launch/launch/..` in a wheel), so one path serves both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from launch.errors import TuneLaunchError, did_you_mean
+from tune_launch.errors import TuneLaunchError, did_you_mean
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_CONFIG_ROOT = Path(__file__).resolve().parent.parent  # the checkout's root, or the installed tune_launch/
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,10 @@ def get_profile(name: str) -> Profile:
 
 
 def config_file(folder: str, filename: str) -> Path:
-    """A shipped config file, from the checkout if run from one, else from the installed package."""
-    local = _REPO_ROOT / folder / filename
-    if local.is_file():
-        return local
-    packaged = resources.files(f"launch.{folder}") / filename
-    if packaged.is_file():
-        return Path(str(packaged))
+    """A shipped config file (checkout or wheel: the same relative place)."""
+    path = _CONFIG_ROOT / folder / filename
+    if path.is_file():
+        return path
     raise TuneLaunchError(f"shipped config {folder}/{filename} is missing from this installation; reinstall tune-launch")
 
 

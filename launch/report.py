@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from launch.hardware import GIB, Hardware
-from launch.model_facts import ModelFacts
-from launch.plan import LaunchPlan
+from tune_launch.launch.hardware import GIB, Hardware
+from tune_launch.launch.model_facts import ModelFacts
+from tune_launch.launch.plan import LaunchPlan
 
 
 def _label(row) -> str:

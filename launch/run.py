@@ -23,8 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
-from launch.command import build_command, build_env, full_env, redact, redact_env, shell_quote
-from launch.plan import LaunchPlan
+from tune_launch.launch.command import build_command, build_env, full_env, shell_quote
+from tune_launch.redaction import redact, redact_env
+from tune_launch.launch.plan import LaunchPlan
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 FAIL_FAST_S = 5.0  # a dead rank's peers get this long to exit on their own before SIGKILL

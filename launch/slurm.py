@@ -5,8 +5,8 @@ cluster; `launch/submit.py` and `slurm/*.sh` are the thin layers that act. Node 
 SLURM_NODEID: hostnames can repeat (two slurmd on one machine, containers), so ranks are never derived
 from them.
 
-    python -m launch.slurm output-dir train.yaml [key.sub=value ...]   where the job's logs go (slurm/*.sh)
-    python -m launch.slurm port JOB_ID [RESTARTS]                                the rendezvous port of a job
+    python -m tune_launch.launch.slurm output-dir train.yaml [key.sub=value ...]   where the job's logs go (slurm/*.sh)
+    python -m tune_launch.launch.slurm port JOB_ID [RESTARTS]                                the rendezvous port of a job
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from launch.errors import TuneLaunchError
+from tune_launch.errors import TuneLaunchError
 
 PORT_BASE = 20000  # below Linux's ephemeral range (32768+), away from accelerate's 29500 default
 PORT_SPAN = 10000
@@ -330,7 +330,7 @@ def check_partition(spec: SubmitSpec, sizes: Mapping[str, int], default: str | N
 
 def output_dir_of(config: str, overrides: Sequence[str]) -> str:
     """The YAML's output_dir (after overrides), without touching the model or data files."""
-    from training.config import load_config
+    from tune_launch.training.config import load_config
 
     return str(load_config(config, list(overrides), check_files=False).output_dir)
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except TuneLaunchError as e:
         print(f"tune-launch: error: {e}", file=sys.stderr)
         return 2
-    print("usage: python -m launch.slurm output-dir train.yaml [key.sub=value ...] | port JOB_ID [RESTARTS]", file=sys.stderr)
+    print("usage: python -m tune_launch.launch.slurm output-dir train.yaml [key.sub=value ...] | port JOB_ID [RESTARTS]", file=sys.stderr)
     return 2
 
 

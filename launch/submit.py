@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from launch.errors import TuneLaunchError
-from launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, node_argv, omp_threads, parse_sbatch_options,
+from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, node_argv, omp_threads, parse_sbatch_options,
                           parse_time_minutes, partition_sizes, sbatch_parameters)
 
 GRACE_ENV = "TUNE_LAUNCH_GRACE_S"
@@ -81,7 +81,7 @@ class NodeTask:
     def argv_and_env(self, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
         """This node's tune-launch command and environment (pure: env in, argv/env out)."""
         job = SlurmJob.from_environ(env)
-        base = [self.python, "-m", "launch.cli"]
+        base = [self.python, "-m", "tune_launch.launch.cli"]
         child = dict(env)
         if job is None:  # --local: one node, this machine
             argv = base + (["--profile", self.launch.profile] if self.launch.profile != "auto" else [])
@@ -187,7 +187,7 @@ def spec_from_args(args: argparse.Namespace) -> SubmitSpec:
 def log_folder(args: argparse.Namespace, spec: SubmitSpec) -> Path:
     if args.log_dir is not None:
         return args.log_dir.resolve()
-    from training.config import load_config
+    from tune_launch.training.config import load_config
 
     cfg = load_config(spec.launch.config, list(spec.launch.overrides), check_files=False)
     return (Path(cfg.output_dir) / "logs" / "submitit").resolve()

@@ -49,7 +49,7 @@ CONFIG=$(realpath "$CONFIG")
 # The interpreter of tune-launch knows where the YAML puts its output (and fails in one line on a bad YAML).
 PYTHON=$(sed -n '1s/^#! *//p' "$(command -v "$TUNE_LAUNCH")")
 [[ -x ${PYTHON%% *} && $PYTHON == *python* ]] || PYTHON=python3
-OUTPUT_DIR=$("$PYTHON" -m launch.slurm output-dir "$CONFIG" "$@")
+OUTPUT_DIR=$("$PYTHON" -m tune_launch.launch.slurm output-dir "$CONFIG" "$@")
 mkdir -p "$OUTPUT_DIR/logs"
 
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)

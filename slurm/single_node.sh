@@ -42,7 +42,7 @@ command -v "$TUNE_LAUNCH" >/dev/null || fail "'$TUNE_LAUNCH' not found on $(host
 CONFIG=$(realpath "$CONFIG")
 PYTHON=$(sed -n '1s/^#! *//p' "$(command -v "$TUNE_LAUNCH")")
 [[ -x ${PYTHON%% *} && $PYTHON == *python* ]] || PYTHON=python3
-OUTPUT_DIR=$("$PYTHON" -m launch.slurm output-dir "$CONFIG" "$@")
+OUTPUT_DIR=$("$PYTHON" -m tune_launch.launch.slurm output-dir "$CONFIG" "$@")
 mkdir -p "$OUTPUT_DIR/logs"
 export TUNE_LAUNCH TUNE_LAUNCH_CPU_PROCESSES=${TUNE_LAUNCH_CPU_PROCESSES:-1}
 echo "[slurm] $(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST," \

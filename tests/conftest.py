@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.synthetic import pretrain_texts, train_tokenizer
+    from tune_launch.training.synthetic import pretrain_texts, train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = train_tokenizer([r["text"] for r in pretrain_texts(200, 0)], vocab_size=300)
@@ -66,12 +66,12 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 def launch(config: Path, *overrides: str, profile: str | None = None, processes: int = 1,
            env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`tune-launch --cpu [--num-processes N --profile P] config overrides` as a real subprocess."""
-    argv = [sys.executable, "-m", "launch.cli", "--cpu"]
+    argv = [sys.executable, "-m", "tune_launch.launch.cli", "--cpu"]
     if processes > 1:
         argv += ["--num-processes", str(processes)]
     if profile:
         argv += ["--profile", profile]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     full_env.pop("OMP_NUM_THREADS", None)
     return subprocess.run([*argv, str(config), *overrides], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from launch.hardware import Hardware, hardware_from_dict
+from tune_launch.launch.hardware import Hardware, hardware_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"125m": "llama-125m", "1.1b": "tinyllama-1.1b", "7b": "llama-2-7b", "70b": "llama-2-70b"}

@@ -65,7 +65,6 @@ def job_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env.pop("OMP_NUM_THREADS", None)  # the scripts derive it from the cores SLURM gives each node
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    env["PYTHONPATH"] = str(ROOT)
     env["TUNE_LAUNCH_SHARED_FS"] = "1"  # n1 and n2 share this machine's disk: output_dir is shared
     env["TUNE_LAUNCH_GRACE_S"] = "60"
     return env

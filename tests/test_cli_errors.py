@@ -11,8 +11,8 @@ from launch_helpers import ROOT, training_yaml
 
 
 def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

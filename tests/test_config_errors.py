@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import ConfigError, check_device, load_config
+from tune_launch.training.config import ConfigError, check_device, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,9 +82,9 @@ def test_train_script_fails_fast_with_one_line(tmp_path, key, value, field):
     cfg = _edit(_good(tmp_path), "model.lora", {"r": 8}) if key == "model.quantization" else _good(tmp_path)
     path = _write(tmp_path, _edit(cfg, key, value))
     code = ("import sys, runpy; sys.argv=['train.py', sys.argv[1]]\n"
-            "from training.train import main; rc = main(sys.argv[1:]); assert 'torch' not in sys.modules; sys.exit(rc)")
+            "from tune_launch.training.train import main; rc = main(sys.argv[1:]); assert 'torch' not in sys.modules; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TUNE_LAUNCH_DEVICE": "cpu"})
+                          env={"PATH": "/usr/bin:/bin", "TUNE_LAUNCH_DEVICE": "cpu"})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and lines[0].startswith("error: ")
@@ -92,7 +92,7 @@ def test_train_script_fails_fast_with_one_line(tmp_path, key, value, field):
 
 def test_launcher_refuses_bad_yaml_before_starting(tmp_path):
     path = _write(tmp_path, _edit(_good(tmp_path), "optim.learning_rate", -1))
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "--cpu", "--num-processes", "2", "--profile", "ddp", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "2", "--profile", "ddp", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "optim.learning_rate" in proc.stderr

@@ -71,7 +71,7 @@ def _launch_zero1(config: Path, tmp: Path) -> subprocess.CompletedProcess:
     ds = json.loads((ROOT / "deepspeed_configs" / "zero2.json").read_text())
     ds["zero_optimization"]["stage"] = 1
     (tmp / "zero1.json").write_text(json.dumps(ds))
-    plan = subprocess.run([sys.executable, "-m", "launch.cli", "--cpu", "--num-processes", "2", "--profile", "zero2",
+    plan = subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "2", "--profile", "zero2",
                            "--dry-run", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     check_ok(plan)
     env = {**os.environ}
@@ -89,7 +89,7 @@ def _launch_zero1(config: Path, tmp: Path) -> subprocess.CompletedProcess:
 
 
 def _consolidate(src: Path, dst: Path, **kw):
-    from launch.consolidation import consolidate_checkpoint
+    from tune_launch.launch.consolidation import consolidate_checkpoint
 
     return consolidate_checkpoint(src, dst, progress=None, **kw)
 
@@ -155,7 +155,7 @@ def test_streaming_path_imports_no_torch(runs, tmp_path):
     """Untied ZeRO-3 and FSDP checkpoints consolidate (bf16, so with conversion) without importing torch:
     its ~1.5 s import would cost more than streaming a 1 GB model (bench/consolidate.py)."""
     for name in ("zero3", "lora"):  # the LoRA run's checkpoint written as an adapter folder is FSDP, untied
-        code = ("import sys; from launch.consolidation import consolidate_checkpoint; "
+        code = ("import sys; from tune_launch.launch.consolidation import consolidate_checkpoint; "
                 f"r = consolidate_checkpoint({str(runs[name] / 'checkpoint-2')!r}, {str(tmp_path / name)!r}, dtype='bf16', "
                 "progress=None, verify=False); print(r.format, r.tensors, 'torch' in sys.modules)")
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -169,7 +169,7 @@ def test_fsdp_tied_equals_accelerate_merge_weights_and_trained_logits(runs, tmp_
     from accelerate.utils import merge_fsdp_weights
 
     ckpt = runs["fsdp"] / "checkpoint-2"
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "consolidate", str(ckpt), str(tmp_path / "hf"),
+    proc = subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "consolidate", str(ckpt), str(tmp_path / "hf"),
                            "--dtype", "fp32", "--verify", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     check_ok(proc)
     result = json.loads(proc.stdout)
@@ -209,7 +209,7 @@ def test_lora_adapter_folder_and_merge(runs, tmp_path, run):
 
 
 def test_errors_name_the_file(runs, tmp_path):
-    from launch.consolidation import ConsolidateError
+    from tune_launch.launch.consolidation import ConsolidateError
 
     def copy(name: str, step: int = 2) -> Path:
         dst = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
@@ -255,7 +255,7 @@ def test_cli_refuses_overwrite_and_one_line_errors(runs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    argv = [sys.executable, "-m", "launch.cli", "consolidate", str(runs["zero2"] / "checkpoint-2"), str(out), "--dtype", "bf16"]
+    argv = [sys.executable, "-m", "tune_launch.launch.cli", "consolidate", str(runs["zero2"] / "checkpoint-2"), str(out), "--dtype", "bf16"]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already exists; pass --force" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and (out / "keep.txt").exists()

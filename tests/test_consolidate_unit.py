@@ -15,8 +15,8 @@ from conftest import ROOT
 def test_torchzip_indexes_tensors_without_running_the_pickle(tmp_path):
     import torch
 
-    from launch.consolidation.source import FileCache, assemble, SourceTensor, Piece
-    from launch.consolidation.torchzip import TensorRef, index_file
+    from tune_launch.launch.consolidation.source import FileCache, assemble, SourceTensor, Piece
+    from tune_launch.launch.consolidation.torchzip import TensorRef, index_file
 
     class Boom:
         def __reduce__(self):
@@ -38,8 +38,8 @@ def test_header_matches_the_safetensors_library(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from launch.consolidation.plan import OutputTensor, Shard
-    from launch.consolidation.writer import write_shards
+    from tune_launch.launch.consolidation.plan import OutputTensor, Shard
+    from tune_launch.launch.consolidation.writer import write_shards
 
     data = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16)}
     specs = tuple(OutputTensor(k, tuple(v.shape), str(v.dtype).replace("torch.", ""), k) for k, v in data.items())
@@ -55,8 +55,8 @@ def test_header_matches_the_safetensors_library(tmp_path):
 
 
 def test_shard_plan_and_sizes():
-    from launch.consolidation.plan import OutputTensor, parse_size, plan_shards
-    from launch.consolidation.source import ConsolidateError
+    from tune_launch.launch.consolidation.plan import OutputTensor, parse_size, plan_shards
+    from tune_launch.launch.consolidation.source import ConsolidateError
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500mb") == 5 * 10**8
     with pytest.raises(ConsolidateError, match="--max-shard-size"):
@@ -71,7 +71,7 @@ def test_unknown_format_and_missing_folder_are_one_line(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "weights.bin").write_bytes(b"junk")
     for src, msg in ((tmp_path / "ckpt", "unknown checkpoint format"), (tmp_path / "nope", "no such checkpoint folder")):
-        proc = subprocess.run([sys.executable, "-m", "launch.cli", "consolidate", str(src), str(tmp_path / "out")],
+        proc = subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "consolidate", str(src), str(tmp_path / "out")],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert "Traceback" not in proc.stderr
@@ -97,7 +97,7 @@ def test_dtype_conversions_are_bitwise_torch():
     import numpy as np
     import torch
 
-    from launch.consolidation.arrays import convert
+    from tune_launch.launch.consolidation.arrays import convert
 
     g = torch.Generator().manual_seed(0)
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, 65504.0, 65520.0, 1e-8, -1e-40, 3.4e38, float("inf"), float("-inf"),
@@ -124,8 +124,8 @@ def test_writer_streams_odd_offsets_exactly(tmp_path, direct):
     import torch
     from safetensors.torch import load_file
 
-    from launch.consolidation.plan import OutputTensor, Shard
-    from launch.consolidation.writer import PAGE, _FileSink, write_shards
+    from tune_launch.launch.consolidation.plan import OutputTensor, Shard
+    from tune_launch.launch.consolidation.writer import PAGE, _FileSink, write_shards
 
     g = torch.Generator().manual_seed(1)
     data = {"odd_bytes": torch.randint(0, 255, (4097,), generator=g, dtype=torch.uint8),
@@ -161,8 +161,8 @@ def test_writer_falls_back_to_plain_writes_where_o_direct_is_refused(tmp_path, m
 
     import numpy as np
 
-    from launch.consolidation import writer
-    from launch.consolidation.plan import OutputTensor, Shard
+    from tune_launch.launch.consolidation import writer
+    from tune_launch.launch.consolidation.plan import OutputTensor, Shard
 
     real_open, real_write, refused = os.open, os.write, []
 
@@ -206,7 +206,7 @@ def test_dcp_metadata_read_without_torch_matches_torch(tmp_path):
                     "steps": torch.tensor(3), "note": "not a tensor"}}
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")))
     md = dcp.FileSystemReader(str(tmp_path / "ck")).read_metadata()
-    code = ("import sys, json; from pathlib import Path; from launch.consolidation.dcp import read_dcp; "
+    code = ("import sys, json; from pathlib import Path; from tune_launch.launch.consolidation.dcp import read_dcp; "
             f"s = read_dcp(Path({str(tmp_path / 'ck')!r})); "
             "print(json.dumps([[t.name, list(t.shape), t.dtype, [[p.ref.path, p.ref.data_offset, p.count] for p in t.pieces]] "
             "for t in s.tensors])); print('torch' in sys.modules)")
@@ -225,8 +225,8 @@ def test_dcp_metadata_read_without_torch_matches_torch(tmp_path):
         assert len(got[name][2]) == len(infos) == 1
         path, offset, count = got[name][2][0]
         assert path.endswith(infos[0].relative_path) and infos[0].offset <= offset < infos[0].offset + infos[0].length
-    from launch.consolidation.dcp import read_dcp
-    from launch.consolidation.source import FileCache, assemble
+    from tune_launch.launch.consolidation.dcp import read_dcp
+    from tune_launch.launch.consolidation.source import FileCache, assemble
 
     files = FileCache()
     source = {t.name: t for t in read_dcp(tmp_path / "ck").tensors}
@@ -236,8 +236,8 @@ def test_dcp_metadata_read_without_torch_matches_torch(tmp_path):
 
 
 def test_dcp_metadata_pickle_runs_no_code(tmp_path):
-    from launch.consolidation.dcp import read_dcp
-    from launch.consolidation.source import ConsolidateError
+    from tune_launch.launch.consolidation.dcp import read_dcp
+    from tune_launch.launch.consolidation.source import ConsolidateError
 
     class Boom:
         def __reduce__(self):
@@ -256,8 +256,8 @@ def test_region_pieces_convert_in_bounded_blocks(tmp_path, monkeypatch):
     import numpy as np
     import torch
 
-    from launch.consolidation import source as S
-    from launch.consolidation.torchzip import index_file
+    from tune_launch.launch.consolidation import source as S
+    from tune_launch.launch.consolidation.torchzip import index_file
 
     monkeypatch.setattr(S, "BLOCK_BYTES", 64)  # 16 fp32 elements: several blocks per chunk, whole rows each
     g = torch.Generator().manual_seed(3)
@@ -281,7 +281,7 @@ def test_known_tie_table_matches_transformers(tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launch.consolidation.hf_files import KNOWN_TIES
+    from tune_launch.launch.consolidation.hf_files import KNOWN_TIES
 
     types = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
@@ -299,7 +299,7 @@ def test_known_tie_table_matches_transformers(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                                                       "tie_word_embeddings": True}))
-    code = ("import sys; from pathlib import Path; from launch.consolidation.hf_files import tied_keys; "
+    code = ("import sys; from pathlib import Path; from tune_launch.launch.consolidation.hf_files import tied_keys; "
             f"print(tied_keys(Path({str(tmp_path / 'config.json')!r})), 'transformers' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "({'lm_head.weight': 'model.embed_tokens.weight'}, None) False", proc.stderr

@@ -8,11 +8,11 @@ import sys
 import pytest
 from launch_helpers import HARDWARE, ROOT, training_yaml
 
-from launch import cli
-from launch.command import build_command, build_env
-from launch.plan import LaunchRequest, make_plan
+from tune_launch.launch import cli
+from tune_launch.launch.command import build_command, build_env
+from tune_launch.launch.plan import LaunchRequest, make_plan
 
-TRAIN = str(ROOT / "training" / "train.py")
+TRAIN = ["--module", "tune_launch.training.train"]
 
 
 def _write_hw(tmp_path, name):
@@ -22,9 +22,9 @@ def _write_hw(tmp_path, name):
 
 
 def _plan(tmp_path, hw_name, **request):
-    from launch.hardware import load_hardware
-    from launch.model_facts import model_facts
-    from training.config import load_config
+    from tune_launch.launch.hardware import load_hardware
+    from tune_launch.launch.model_facts import model_facts
+    from tune_launch.training.config import load_config
 
     yaml_path = training_yaml(tmp_path, "llama-2-7b", "full", gradient_checkpointing=False)
     cfg = load_config(yaml_path)
@@ -39,12 +39,11 @@ def test_single_node_eight_gpus_fsdp_argv_and_env(tmp_path):
         "--config_file", str(ROOT / "accelerate_configs" / "fsdp.yaml"),
         "--num_processes", "8", "--num_machines", "1",
         "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29611",
-        TRAIN, str(yaml_path.resolve()),
+        *TRAIN, str(yaml_path.resolve()),
     ]
     assert build_env(plan, {"PATH": "/usr/bin"}) == {
         "OMP_NUM_THREADS": "12",  # 96 cores / 8 processes
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(ROOT),
         "TUNE_LAUNCH_PROFILE": "fsdp",
         "TUNE_LAUNCH_DEVICE": "cuda",
         "TUNE_LAUNCH_NODE_RANK": "0",
@@ -63,18 +62,18 @@ def test_node_one_of_two_zero3_argv_and_env(tmp_path):
         "--deepspeed_config_file", str(ROOT / "deepspeed_configs" / "zero3.json"),
         "--num_processes", "16", "--num_machines", "2",
         "--machine_rank", "1", "--main_process_ip", "10.1.2.3", "--main_process_port", "29400",
-        TRAIN, str(yaml_path.resolve()),
+        *TRAIN, str(yaml_path.resolve()),
     ]
     env = build_env(plan, {"PYTHONPATH": "/opt/site"})
+    assert "PYTHONPATH" not in env  # the ranks import the installed package; no path is injected
     assert env["TUNE_LAUNCH_NODE_RANK"] == "1" and env["TUNE_LAUNCH_NUM_NODES"] == "2"
-    assert env["PYTHONPATH"] == f"{ROOT}:/opt/site"
     assert env["TUNE_LAUNCH_PROFILE"] == "zero3" and env["TUNE_LAUNCH_DEVICE"] == "cuda"
 
 
 def test_auto_settings_are_appended_as_overrides(tmp_path):
-    from launch.hardware import load_hardware
-    from launch.model_facts import model_facts
-    from training.config import load_config
+    from tune_launch.launch.hardware import load_hardware
+    from tune_launch.launch.model_facts import model_facts
+    from tune_launch.training.config import load_config
 
     yaml_path = training_yaml(tmp_path, "llama-2-7b", "full")
     text = yaml_path.read_text().replace("micro_batch_size: 1", "micro_batch_size: auto")
@@ -86,11 +85,11 @@ def test_auto_settings_are_appended_as_overrides(tmp_path):
 
 
 def test_cpu_rehearsal_command(tmp_path):
-    from training.config import load_config
+    from tune_launch.training.config import load_config
 
     yaml_path = training_yaml(tmp_path, "llama-125m")
     cfg = load_config(yaml_path)
-    from launch.hardware import hardware_from_dict
+    from tune_launch.launch.hardware import hardware_from_dict
 
     plan = make_plan(LaunchRequest(config_path=yaml_path, profile="zero2", cpu=True, num_processes=2, main_process_port=4444),
                      cfg, hardware_from_dict(HARDWARE["cpu"]), None)
@@ -118,24 +117,24 @@ def test_dry_run_prints_every_node_and_redacts_secrets(tmp_path, capsys):
 
 
 def test_fallback_to_cpu_when_no_gpu_and_strict_refuses(tmp_path, capsys):
-    from launch.hardware import hardware_from_dict
-    from training.config import load_config
+    from tune_launch.launch.hardware import hardware_from_dict
+    from tune_launch.training.config import load_config
 
     yaml_path = training_yaml(tmp_path, "llama-125m")
     cfg = load_config(yaml_path)
     plan = make_plan(LaunchRequest(config_path=yaml_path, gpus=8), cfg, hardware_from_dict(HARDWARE["cpu"]), None)
     assert plan.profile.name == "cpu" and plan.world_size == 1
     assert len(plan.notes) == 1 and "asked for 8 GPU(s), this machine has none" in plan.notes[0]
-    from launch.errors import TuneLaunchError
+    from tune_launch.errors import TuneLaunchError
 
     with pytest.raises(TuneLaunchError, match="this machine has 0 GPU"):
         make_plan(LaunchRequest(config_path=yaml_path, gpus=8, strict=True), cfg, hardware_from_dict(HARDWARE["cpu"]), None)
 
 
 def test_fallback_to_the_gpus_that_are_there(tmp_path):
-    from launch.hardware import hardware_from_dict
-    from launch.model_facts import model_facts
-    from training.config import load_config
+    from tune_launch.launch.hardware import hardware_from_dict
+    from tune_launch.launch.model_facts import model_facts
+    from tune_launch.training.config import load_config
 
     yaml_path = training_yaml(tmp_path, "llama-125m")
     cfg = load_config(yaml_path)

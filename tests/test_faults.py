@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.run import Supervisor, exit_detail
-from training.faults import FaultSpec, FaultSpecError
+from tune_launch.launch.run import Supervisor, exit_detail
+from tune_launch.training.faults import FaultSpec, FaultSpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 FAIL_FAST_LIMIT_S = 60
@@ -47,9 +47,9 @@ def tiny_yaml(tmp: Path, out: Path, max_steps: int = 12, save_steps: int = 4, li
 
 
 def launch(yaml_path: Path, env_extra: dict | None = None, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("TUNE_LAUNCH_FAULT", None) if not env_extra or "TUNE_LAUNCH_FAULT" not in env_extra else None
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "--cpu", "--num-processes", "2", "--profile", "ddp",
+    return subprocess.Popen([sys.executable, "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "2", "--profile", "ddp",
                              str(yaml_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **popen)
 
@@ -79,7 +79,7 @@ def kill_tree(pid: int) -> None:
 
 
 def newest_step(out: Path) -> int:
-    from training.checkpoint import find_resume_checkpoint
+    from tune_launch.training.checkpoint import find_resume_checkpoint
 
     found = find_resume_checkpoint(out, warn=False)
     return int(found.name.split("-")[1]) if found else 0
@@ -101,9 +101,9 @@ def test_fault_spec_parsing():
 
 def test_supervisor_names_the_root_cause_not_the_peer_that_lost_its_connection(tmp_path):
     """torchrun's report and the ranks' own lines, as they arrive on stderr (from a real run of this suite)."""
-    from launch.plan import LaunchRequest, make_plan
-    from launch.hardware import hardware_from_dict
-    from training.config import load_config
+    from tune_launch.launch.plan import LaunchRequest, make_plan
+    from tune_launch.launch.hardware import hardware_from_dict
+    from tune_launch.training.config import load_config
 
     yaml_path = tiny_yaml(tmp_path, tmp_path / "out")
     plan = make_plan(LaunchRequest(config_path=yaml_path, cpu=True, num_processes=2, profile="ddp", main_process_port=1),
@@ -153,7 +153,7 @@ def test_a_dying_rank_stops_the_job_fast_and_is_named(tmp_path, at, how, rank):
     expected = {"exit": "exit code 3", "raise": "InjectedFault: injected fault at forward", "kill": "killed by SIGKILL"}[how]
     assert expected in errors[0]
     assert elapsed < FAIL_FAST_LIMIT_S, f"took {elapsed:.1f} s"
-    from training.checkpoint import find_resume_checkpoint
+    from tune_launch.training.checkpoint import find_resume_checkpoint
 
     ckpt = find_resume_checkpoint(out)  # a save cut in half never shadows the complete one
     if at == "save":
@@ -175,7 +175,7 @@ def test_sigterm_saves_one_checkpoint_and_exits_cleanly_then_resumes(tmp_path, t
     while not any("step 3/" in f.read_text(errors="replace") for f in out.glob("logs/*") if f.is_file()):
         time.sleep(0.2)
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "tune_launch.training.train" in p.cmdline()]
     victim = proc.pid if target == "launcher" else ranks[-1].pid
     sent = time.monotonic()
     os.kill(victim, signal.SIGTERM)
@@ -184,7 +184,7 @@ def test_sigterm_saves_one_checkpoint_and_exits_cleanly_then_resumes(tmp_path, t
     assert code == 0, text[-3000:]
     stopped = json.loads((out / "stopped_by_signal.json").read_text())
     step = stopped["step"]
-    from training.checkpoint import inspect_checkpoint, list_checkpoints
+    from tune_launch.training.checkpoint import inspect_checkpoint, list_checkpoints
 
     assert [s.path.name for s in list_checkpoints(out)] == [f"checkpoint-{step}"]  # exactly one, complete
     assert inspect_checkpoint(out / f"checkpoint-{step}").complete
@@ -205,10 +205,9 @@ def test_sigterm_saves_one_checkpoint_and_exits_cleanly_then_resumes(tmp_path, t
 SAVER = r"""
 import os, sys, json, time
 from pathlib import Path
-sys.path.insert(0, sys.argv[2])
-from training.checkpoint import seal, STAGING
+from tune_launch.training.checkpoint import seal, STAGING
 out = Path(sys.argv[1])
-step = int(sys.argv[3])
+step = int(sys.argv[2])
 while True:
     staging = out / STAGING / f"checkpoint-{step}"
     staging.mkdir(parents=True, exist_ok=True)
@@ -224,13 +223,13 @@ while True:
 def test_kill_9_during_atomic_saves_at_17_random_moments(tmp_path):
     """The save path itself (write, fsync, marker, rename), killed at random moments: resume always finds a
     complete checkpoint whose every file is intact."""
-    from training.checkpoint import find_resume_checkpoint, list_checkpoints
+    from tune_launch.training.checkpoint import find_resume_checkpoint, list_checkpoints
 
     rng = random.Random(1234)
     out = tmp_path / "out"
     step = 1
     for moment in range(17):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(out), str(ROOT), str(step)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(out), str(step)], stdout=subprocess.PIPE, text=True)
         if moment == 0:
             assert proc.stdout.readline().strip() == "1"  # at least one complete save to fall back on
         time.sleep(rng.uniform(0.0, 0.25))

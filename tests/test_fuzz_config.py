@@ -20,9 +20,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launch import cli
-from launch.errors import TuneLaunchError
-from training.config import ConfigError, TrainingConfig, apply_overrides, load_config, parse_override
+from tune_launch.launch import cli
+from tune_launch.errors import TuneLaunchError
+from tune_launch.training.config import ConfigError, apply_overrides, load_config, parse_override
+from tune_launch.training.schema import TrainingConfig
 
 N_YAML = int(os.environ.get("TUNE_LAUNCH_FUZZ_EXAMPLES", "2000"))
 
@@ -42,7 +43,7 @@ BASE = {
 
 def _schema_paths(model=TrainingConfig, prefix=()) -> list[tuple[str, ...]]:
     """Every dotted key the schema knows (so mutations reach deep validation)."""
-    from training.config import _inner_model
+    from tune_launch.training.config import _inner_model
 
     out = []
     for name, f in model.model_fields.items():

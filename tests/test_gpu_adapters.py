@@ -4,13 +4,10 @@ with `python3 -m pytest -m gpu tests` (docs/performance.md has the recipe)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU (none here: CI and CPU machines skip this)")]
@@ -35,11 +32,11 @@ def _train(model_dir, tmp_path, quantized: bool, steps: int = 12):
     from transformers import TrainingArguments
 
     from bench.throughput import _VocabOnly
-    from training.config import validate_config
-    from training.distributed import RankInfo
-    from training.model import build_model, prepare_for_kbit
-    from training.packing import pack_best_fit
-    from training.trainer import MetricsCallback, arguments, build_trainer
+    from tune_launch.training.config import validate_config
+    from tune_launch.training.distributed import RankInfo
+    from tune_launch.training.model import build_model, prepare_for_kbit
+    from tune_launch.training.packing import pack_best_fit
+    from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     model = {"name_or_path": str(model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     if quantized:

@@ -3,13 +3,10 @@ and backward), the decisions on this device, and a full-fine-tune step with them
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU (none here: CI and CPU machines skip this)")]
@@ -17,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_device_decisions_on_this_gpu():
     from tests.test_perf import cfg
-    from training.perf import DeviceFacts, decide
+    from tune_launch.training.perf import DeviceFacts, decide
 
     dev = DeviceFacts.probe("cuda")
     plan = decide(cfg(), dev)
@@ -31,7 +28,7 @@ def test_device_decisions_on_this_gpu():
 def test_torch_varlen_matches_per_document_sdpa():
     import torch.nn.functional as F
 
-    from training.varlen_attn import boundaries, torch_varlen_fn, varlen_attention_forward
+    from tune_launch.training.varlen_attn import boundaries, torch_varlen_fn, varlen_attention_forward
 
     assert torch_varlen_fn() is not None, "this torch has no torch.nn.attention.varlen"
     torch.manual_seed(0)
@@ -65,10 +62,10 @@ def test_full_finetune_steps_with_the_fast_path(tmp_path):
 
     from bench.throughput import _VocabOnly
     from tests.test_perf import cfg
-    from training.distributed import RankInfo
-    from training.model import build_model
-    from training.packing import pack_best_fit
-    from training.trainer import MetricsCallback, arguments, build_trainer
+    from tune_launch.training.distributed import RankInfo
+    from tune_launch.training.model import build_model
+    from tune_launch.training.packing import pack_best_fit
+    from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     c = cfg(train={"micro_batch_size": 4, "max_steps": 8, "gradient_checkpointing": False, "torch_compile": False},
             optim={"learning_rate": 3e-3, "scheduler": "constant"}, logging={"logging_steps": 1},

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from launch_helpers import ROOT
 
-from launch.errors import TuneLaunchError
-from launch.hardware import SlurmAllocation, detect_hardware, detect_json, hardware_from_dict, load_hardware, peak_bf16_flops
+from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.hardware import SlurmAllocation, detect_hardware, detect_json, hardware_from_dict, load_hardware, peak_bf16_flops
 
 FLAT = {"nodes": 2, "gpus_per_node": 8, "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 80, "bf16": True, "cpu_ram_gib": 1024}
 
@@ -45,8 +43,8 @@ def test_detect_on_this_machine_has_no_gpu_and_real_cpu_facts(tmp_path):
 
 
 def test_detect_cli_json_parses():
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "detect", "--json"], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "detect", "--json"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
     data = json.loads(out)
     assert data["gpus"] == [] and data["total_gpus"] == 0 and "deepspeed" in data["versions"]
 

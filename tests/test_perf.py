@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
 
 from bench import common as C  # noqa: E402
 from bench.throughput import grouped_rows, padded_rows, summarize  # noqa: E402
-from training.config import validate_config  # noqa: E402
-from training.perf import DeviceFacts, decide, gpu_training_kwargs, model_load_kwargs, plan_batch  # noqa: E402
+from tune_launch.training.config import validate_config  # noqa: E402
+from tune_launch.launch.plan import plan_batch
+from tune_launch.training.perf import DeviceFacts, decide, gpu_training_kwargs, model_load_kwargs
 
 H100 = DeviceFacts(kind="cuda", name="NVIDIA H100 80GB HBM3", bf16=True, memory_gib=79.2, has_torch_varlen=True)
 TINYLLAMA_PARAMS = 1_100_048_384
@@ -104,7 +104,7 @@ def test_model_load_kwargs_registers_varlen():
 
 
 def test_plan_batch_uses_the_launch_planner():
-    from launch.model_facts import model_facts
+    from tune_launch.launch.model_facts import model_facts
 
     c = validate_config({"model": {"config": dict(C.TINYLLAMA_1B)}, "tokenizer": {"train_vocab_size": 32000},
                          "data": {"train": {"path": "x.jsonl"}}, "max_length": 2048,
@@ -123,7 +123,7 @@ def test_varlen_attention_equals_separate_documents():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.varlen_attn import VarlenCollator, register
+    from tune_launch.training.varlen_attn import VarlenCollator, register
 
     register()
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def test_varlen_attention_equals_separate_documents():
 
 
 def test_varlen_call_adapts_to_torch_signatures():
-    from training.varlen_attn import _call_kwargs
+    from tune_launch.training.varlen_attn import _call_kwargs
 
     def new(q, k, v, cq, ck, mq, mk, *, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False):
         pass
@@ -162,8 +162,8 @@ def test_varlen_call_adapts_to_torch_signatures():
 # --------------------------------------------------------------------------- packing
 
 def test_best_fit_packing_keeps_every_token_and_wastes_little():
-    from training.data import IGNORE, pack_documents
-    from training.packing import pack_best_fit
+    from tune_launch.training.data import IGNORE, pack_documents
+    from tune_launch.training.packing import pack_best_fit
 
     docs = C.random_documents(C.lognormal_lengths(600, median=20, max_len=128, seed=3), 100, seed=3)
     rows = pack_best_fit(docs, 128, pad_id=0)

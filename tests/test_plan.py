@@ -7,13 +7,13 @@ import functools
 import pytest
 from launch_helpers import HARDWARE, MODELS, hardware, training_yaml
 
-from launch.errors import TuneLaunchError
-from launch.hardware import GIB
-from launch.memory import Workload, estimate_memory, gpu_budget_bytes
-from launch.model_facts import model_facts
-from launch.plan import LaunchRequest, make_plan
-from launch.profiles import PROFILES
-from training.config import load_config
+from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.hardware import GIB
+from tune_launch.launch.memory import Workload, estimate_memory, gpu_budget_bytes
+from tune_launch.launch.model_facts import model_facts
+from tune_launch.launch.plan import LaunchRequest, make_plan
+from tune_launch.launch.profiles import PROFILES
+from tune_launch.training.config import load_config
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,19 +15,19 @@ import pytest
 import yaml
 from launch_helpers import HARDWARE, training_yaml
 
-from launch.hardware import hardware_from_dict
-from launch.plan import LaunchRequest, make_plan
-from launch.preflight import (
+from tune_launch.launch.hardware import hardware_from_dict
+from tune_launch.launch.plan import LaunchRequest, make_plan
+from tune_launch.launch.preflight import (
     Finding, PreflightError, Probes, evaluate, filesystem_type, format_findings, gather_probes, raise_on_errors,
     run_preflight,
 )
-from training.config import load_config
+from tune_launch.training.config import load_config
 
 FACTS: dict[str, object] = {}
 
 
 def facts_for(cfg):
-    from launch.model_facts import model_facts
+    from tune_launch.launch.model_facts import model_facts
 
     key = (cfg.model.config_path, cfg.model.lora is not None)
     if key not in FACTS:
@@ -268,7 +268,7 @@ def test_shipped_profiles_pass_with_a_sound_qlora_config(tmp_path):
 
 def test_preflight_reads_the_yaml_fields_end_to_end(tmp_path, capsys):
     """The schema carries the fields the checks read: a real dry-run refuses a global batch 2 processes cannot make."""
-    from launch.cli import dispatch
+    from tune_launch.launch.cli import dispatch
 
     cfg = tmp_path / "t.yaml"
     cfg.write_text("model: {config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"

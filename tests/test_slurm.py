@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from launch.errors import TuneLaunchError
-from launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, expand_nodelist, node_argv,
+from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, expand_nodelist, node_argv,
                           omp_threads, parse_sbatch_options, parse_time_minutes, partition_sizes, port_from_job_id,
                           sbatch_parameters)
-from launch.submit import NodeTask
+from tune_launch.launch.submit import NodeTask
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -125,15 +125,15 @@ def test_node_argv_gpu_and_cpu_nodes():
         "--main-process-ip", "n1", "--main-process-port", str(port_from_job_id("77", 1)),
         "/abs/train.yaml", "train.max_steps=5"]
     cpu_job = SlurmJob.from_environ(_env(SLURM_GPUS_ON_NODE="0", SLURM_NODEID="0", SLURM_RESTART_COUNT=None))
-    assert node_argv(NodeLaunch(config="t.yaml"), cpu_job, tune_launch=("py", "-m", "launch.cli")) == [
-        "py", "-m", "launch.cli", "--cpu", "--num-processes", "1", "--nodes", "2", "--node-rank", "0",
+    assert node_argv(NodeLaunch(config="t.yaml"), cpu_job, tune_launch=("py", "-m", "tune_launch.launch.cli")) == [
+        "py", "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "1", "--nodes", "2", "--node-rank", "0",
         "--main-process-ip", "n1", "--main-process-port", "20077", "t.yaml"]
 
 
 def test_node_task_env_inside_slurm_hands_requeue_to_submitit():
     env = _env(SLURM_GPUS_ON_NODE="0", SLURM_CPUS_PER_TASK="4", PATH="/bin")
     argv, child = NodeTask(NodeLaunch(config="/c.yaml", cpu_processes=2), python="/py").argv_and_env(env)
-    assert argv[:3] == ["/py", "-m", "launch.cli"] and argv[3:6] == ["--cpu", "--num-processes", "2"]
+    assert argv[:3] == ["/py", "-m", "tune_launch.launch.cli"] and argv[3:6] == ["--cpu", "--num-processes", "2"]
     assert argv[argv.index("--node-rank") + 1] == "1"
     assert child["OMP_NUM_THREADS"] == "2"  # 4 cores from SLURM / 2 processes
     assert child["TUNE_LAUNCH_REQUEUE"] == "0" and "SLURM_JOB_ID" not in child
@@ -142,7 +142,7 @@ def test_node_task_env_inside_slurm_hands_requeue_to_submitit():
 
 def test_node_task_outside_slurm_runs_one_local_node():
     argv, _ = NodeTask(NodeLaunch(config="/c.yaml", overrides=("a.b=1",)), python="/py").argv_and_env({"PATH": "/bin"})
-    assert argv == ["/py", "-m", "launch.cli", "--cpu", "--num-processes", "1", "/c.yaml", "a.b=1"]
+    assert argv == ["/py", "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "1", "/c.yaml", "a.b=1"]
 
 
 def test_node_task_pickles_without_its_process():
@@ -213,8 +213,8 @@ def test_partition_check_refuses_more_nodes_than_the_partition_has():
 # --------------------------------------------------------------------------- the dry run (golden sbatch script)
 
 def _submit(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "launch.cli", "submit", *argv], cwd=cwd, env=env, capture_output=True,
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "submit", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -243,7 +243,7 @@ def test_submit_dry_run_is_what_the_executor_would_write(tmp_path):
     """Same text as submitit's own SlurmExecutor builds (it needs `srun` on PATH: a fake one is enough here)."""
     from submitit.slurm.slurm import SlurmExecutor
 
-    from launch.submit import sbatch_script, submitit_command
+    from tune_launch.launch.submit import sbatch_script, submitit_command
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

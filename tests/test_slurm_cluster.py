@@ -80,7 +80,7 @@ def test_submit_two_nodes_then_requeue_through_submitit(slurm_cluster, tmp_path)
     """`tune-launch submit --nodes 2`: the same world of two; the checkpoint signal goes through the task's
     checkpoint() and submitit's requeue; the requeued task resumes from the checkpoint."""
     out, steps = tmp_path / "out", 60
-    argv = [sys.executable, "-m", "launch.cli", "submit", str(EXAMPLE), *overrides(out, steps),
+    argv = [sys.executable, "-m", "tune_launch.launch.cli", "submit", str(EXAMPLE), *overrides(out, steps),
             "--nodes", "2", "--cpus-per-task", "1", "--time", "10", "--wait"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -129,7 +129,7 @@ def test_bad_yaml_fails_in_one_line_without_a_hang(slurm_cluster, tmp_path):
 def test_more_nodes_than_the_partition_has_is_refused(slurm_cluster, tmp_path):
     proc = slurm_cluster.run(["sbatch", "--nodes=3", *DEV_NODES, str(MULTI), str(EXAMPLE)], cwd=tmp_path)
     assert proc.returncode != 0 and "sbatch: error: Batch job submission failed" in proc.stderr  # not left pending
-    proc = slurm_cluster.run([sys.executable, "-m", "launch.cli", "submit", str(EXAMPLE), f"output_dir={tmp_path}/o",
+    proc = slurm_cluster.run([sys.executable, "-m", "tune_launch.launch.cli", "submit", str(EXAMPLE), f"output_dir={tmp_path}/o",
                               "--nodes", "3"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("tune-launch: error: --nodes 3: partition debug has 2 node(s); ask for at most 2, "

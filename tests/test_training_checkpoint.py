@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import check_ok, launch, report, tiny_config, write_yaml
-from training.checkpoint import MARKER, find_resume_checkpoint, inspect_checkpoint, resolve_resume, seal
-from training.config import ConfigError
-from training.trainer import KILL_ENV
+from tune_launch.training.checkpoint import MARKER, find_resume_checkpoint, inspect_checkpoint, resolve_resume, seal
+from tune_launch.training.config import ConfigError
+from tune_launch.training.trainer import KILL_ENV
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training import synthetic
-from training.config import ConfigError, DataSource
-from training.data import IGNORE, CausalLMCollator, alpaca_prompt, check_batch, pack_documents, to_sft_row
+from tune_launch.training import synthetic
+from tune_launch.training.config import ConfigError
+from tune_launch.training.schema import DataSource
+from tune_launch.training.data import IGNORE, CausalLMCollator, alpaca_prompt, check_batch, pack_documents, to_sft_row
 
 
 def test_packing_restarts_positions_and_masks_padding_and_document_starts():

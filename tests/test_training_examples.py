@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import load_config
+from tune_launch.training.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml"))
@@ -35,8 +35,8 @@ def test_real_world_examples_exist():
 def test_real_world_example_is_planned_offline(name, hw, tmp_path):
     hw_file = tmp_path / "hw.json"
     hw_file.write_text(json.dumps(HARDWARE[hw]))
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "plan", str(ROOT / "examples" / name), "--hardware", str(hw_file)],
+    proc = subprocess.run([sys.executable, "-m", "tune_launch.launch.cli", "plan", str(ROOT / "examples" / name), "--hardware", str(hw_file)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "chosen" in proc.stdout

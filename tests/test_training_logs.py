@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from conftest import ROOT, check_ok, launch, tiny_config, write_yaml
-from training.distributed import RankInfo
-from training.logs import plan_logging
+from tune_launch.training.distributed import RankInfo
+from tune_launch.training.logs import plan_logging
 
 TAG = re.compile(r"^\d\d:\d\d:\d\d \[node(\d+) rank(\d+)\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
@@ -75,8 +75,8 @@ def test_log_on_each_node(tiny_model_dir, tmp_path, on_each_node):
     cfg = write_yaml(tmp_path / "t.yaml", tiny_config(tiny_model_dir, tmp_path / "out", train={"max_steps": 2},
                                                        logging={"log_on_each_node": on_each_node, "log_level": "info"}))
     port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNE_LAUNCH_SHARED_FS": "1"}  # both "nodes" share this disk
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", "--cpu", "--num-processes", "1", "--nodes", "2",
+    env = {**os.environ, "TUNE_LAUNCH_SHARED_FS": "1"}  # both "nodes" share this disk
+    procs = [subprocess.Popen([sys.executable, "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "1", "--nodes", "2",
                                "--node-rank", str(r), "--main-process-ip", "127.0.0.1", "--main-process-port", port,
                                "--profile", "ddp", str(cfg)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -95,7 +95,7 @@ def test_log_on_each_node(tiny_model_dir, tmp_path, on_each_node):
 
 
 def test_secrets_are_redacted_in_console_and_node_log(tmp_path, capsys):
-    from training.logs import close_logging, setup_logging
+    from tune_launch.training.logs import close_logging, setup_logging
 
     logger = setup_logging(plan_logging(RankInfo(), "info", "warning", True, str(tmp_path)))
     try:

@@ -11,7 +11,7 @@ from conftest import check_ok, launch, tiny_config, write_yaml
 
 
 def test_fingerprint_compare_names_the_first_difference():
-    from training.checkpoint import incompatibility, layout_family
+    from tune_launch.training.checkpoint import incompatibility, layout_family
 
     base = {"task": "pretrain", "layout": "fsdp", "lora": None, "total_params": 10, "trainable_params": 10}
     assert incompatibility(base, dict(base)) is None

@@ -65,7 +65,7 @@ def test_completion_only_loss_masks_the_prompt(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from training.data import alpaca_prompt
+    from tune_launch.training.data import alpaca_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = Dataset.from_list([{"prompt": alpaca_prompt("add the two numbers .", "one two"), "completion": "three"}])

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.durable import fsync_dir
+from tune_launch.durable import fsync_dir
 
 log = logging.getLogger("tune_launch")
 MARKER = "tune_launch_complete.json"
@@ -82,7 +82,7 @@ def resolve_resume(setting: str, output_dir: Path) -> Path | None:
         return find_resume_checkpoint(output_dir)
     status = inspect_checkpoint(Path(setting))
     if not status.complete:
-        from training.config import ConfigError
+        from tune_launch.training.config import ConfigError
 
         raise ConfigError(f"checkpoint.resume: {setting} is not a complete checkpoint ({status.reason}); "
                           "use 'auto' to pick the newest complete one")
@@ -134,7 +134,7 @@ def check_resume_compatible(checkpoint: Path, fingerprint: dict) -> None:
         return
     diff = incompatibility(saved, fingerprint)
     if diff is not None:
-        from training.config import ConfigError
+        from tune_launch.training.config import ConfigError
 
         raise ConfigError(f"checkpoint.resume: {checkpoint} was written by an incompatible run ({diff}); "
                           "use a new output_dir, or set checkpoint.resume: never to start over in this one")

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.config import ConfigError, DataSource, TrainingConfig
+from tune_launch.training.config import ConfigError
+from tune_launch.training.schema import DataSource, TrainingConfig
 
 IGNORE = -100
 ALPACA_PROMPT = (
@@ -125,7 +126,7 @@ def load_source(src: DataSource, num_proc: int | None = None):
 def raw_splits(cfg: TrainingConfig) -> tuple[list[tuple[list[dict], DataSource]], list[tuple[list[dict], DataSource]]]:
     """(train, eval) as lists of (rows, source); synthetic data is generated here, in memory."""
     if cfg.data.generate is not None:
-        from training import synthetic
+        from tune_launch.training import synthetic
 
         g = cfg.data.generate
         train, ev = synthetic.generate(g.kind, g.train_samples, g.eval_samples, g.seed)
@@ -157,7 +158,7 @@ def pretrain_dataset(parts: list[tuple[list[dict], DataSource]], tokenizer, cfg:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and cfg.packing else []
     docs = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts(parts)]
     if cfg.packing:
-        from training.packing import pack_best_fit
+        from tune_launch.training.packing import pack_best_fit
 
         rows = pack_best_fit(docs, cfg.max_length, pad_id(tokenizer))  # <1% padding instead of ~16% in order
         return Dataset.from_list(rows)

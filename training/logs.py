@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.distributed import RankInfo
+from tune_launch.training.distributed import RankInfo
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
           "critical": logging.CRITICAL, "passive": logging.WARNING}
@@ -59,7 +59,7 @@ class _RedactSecrets(logging.Filter):
     """Mask anything that looks like a token or key (hf_..., sk-..., AKIA...) before it reaches a log line or file."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from launch.command import redact
+        from tune_launch.redaction import redact
 
         message = record.getMessage()
         cleaned = redact(message)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training.config import ModelConfig, TrainingConfig
+from tune_launch.training.schema import ModelConfig, TrainingConfig
 
 log = logging.getLogger("tune_launch")
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -66,7 +66,7 @@ def build_model(cfg: TrainingConfig, tokenizer, device: str):
 
     m = cfg.model
     dtype = torch_dtype(cfg, device)
-    from training.perf import DeviceFacts, model_load_kwargs
+    from tune_launch.training.perf import DeviceFacts, model_load_kwargs
 
     kwargs: dict[str, Any] = model_load_kwargs(cfg, DeviceFacts.probe(device))  # attention for packed rows
     if m.from_scratch:
@@ -118,7 +118,7 @@ def load_tokenizer(cfg: TrainingConfig, train_texts: list[str], save_dir: Path, 
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
     else:
         if is_writer and not (save_dir / "tokenizer.json").exists():
-            from training.synthetic import train_tokenizer
+            from tune_launch.training.synthetic import train_tokenizer
 
             trained = train_tokenizer(train_texts, t.train_vocab_size, t.chat_template)
             save_dir.mkdir(parents=True, exist_ok=True)

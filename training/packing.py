@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from training.data import IGNORE, _pad_row
+from tune_launch.training.data import IGNORE, _pad_row
 
 
 def best_fit_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:

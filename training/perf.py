@@ -12,7 +12,7 @@ What is on by default on a CUDA GPU (each overridable in the YAML), and why:
   compile would, and compile costs a minute up front; it is skipped for adapters, sharding and offload,
   where graph breaks eat the gain. bench/throughput.py measures both sides of this choice.
 - micro batch and gradient checkpointing come from the launcher's memory plan (`train.micro_batch_size=N`
-  overrides); a direct `train.py` run with `auto` left falls back to `plan_batch` (the same planner).
+  overrides); `tune_launch.launch.plan.plan_batch` runs the same planner for one GPU (the benchmarks use it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.config import TrainingConfig
+from tune_launch.training.schema import TrainingConfig
 
 LIGER_CONFIG = {"rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": False,
                 "fused_linear_cross_entropy": True}
@@ -49,7 +49,7 @@ class DeviceFacts:
             return cls(kind="cpu", has_liger=has("liger_kernel"))
         import torch
 
-        from training.varlen_attn import torch_varlen_fn
+        from tune_launch.training.varlen_attn import torch_varlen_fn
 
         props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
         return cls(kind="cuda", name=props.name if props else None,
@@ -174,7 +174,7 @@ def model_load_kwargs(cfg: TrainingConfig, dev: DeviceFacts) -> dict[str, Any]:
     if attn is None:
         return {}
     if attn == "tl_varlen":
-        from training.varlen_attn import register
+        from tune_launch.training.varlen_attn import register
 
         register()
     return {"attn_implementation": attn}
@@ -183,28 +183,7 @@ def model_load_kwargs(cfg: TrainingConfig, dev: DeviceFacts) -> dict[str, Any]:
 def wrap_collator(collator, cfg: TrainingConfig, dev: DeviceFacts):
     """The packed-row collator, with document boundaries added when the varlen attention will read them."""
     if decide(cfg, dev).varlen_batches:
-        from training.varlen_attn import VarlenCollator
+        from tune_launch.training.varlen_attn import VarlenCollator
 
         return VarlenCollator(collator)
     return collator
-
-
-def plan_batch(cfg: TrainingConfig, dev: DeviceFacts, facts, world_size: int = 1) -> tuple[int, bool]:
-    """(micro batch, gradient checkpointing) from the launcher's memory planner, for a run started without it.
-
-    Values the YAML fixes are kept; `auto` ones are planned for this GPU as the launcher would."""
-    t = cfg.train
-    mb_fixed = t.micro_batch_size if isinstance(t.micro_batch_size, int) else None
-    gc_fixed = t.gradient_checkpointing if isinstance(t.gradient_checkpointing, bool) else None
-    if mb_fixed is not None and gc_fixed is not None:
-        return mb_fixed, gc_fixed
-    if dev.kind != "cuda" or not dev.memory_gib:
-        return mb_fixed or 8, bool(gc_fixed)
-    from launch.choose import choose_profile
-    from launch.hardware import Hardware
-    from launch.plan import Placement, workload_for
-
-    hw = Hardware(gpus_per_node=world_size, gpu_name=dev.name, gpu_memory_gib=dev.memory_gib, bf16=dev.bf16)
-    workload = workload_for(cfg, Placement("cuda", world_size, 1), hw, micro_batch=mb_fixed or 1)
-    choice = choose_profile(facts, hw, workload, gc_fixed, auto_micro_batch=mb_fixed is None)
-    return choice.micro_batch_size, choice.candidate.estimate.gradient_checkpointing

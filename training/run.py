@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.errors import TuneLaunchError
-from training.config import TrainingConfig
-from training.distributed import RankInfo, barrier, teardown
-from training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
+from tune_launch.errors import TuneLaunchError
+from tune_launch.training.schema import TrainingConfig
+from tune_launch.training.distributed import RankInfo, barrier, teardown
+from tune_launch.training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
 
 log = logging.getLogger("tune_launch")
 
@@ -27,9 +27,9 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
         code = _run(cfg, info, out, logger, t_start)
         finished = True
         return code
-    except TuneLaunchError as e:  # bad config, failed consolidation: one line, and the line the supervisor reports
+    except TuneLaunchError as e:  # bad config or checkpoint: one line, and the line the supervisor reports
         log.error("%s", e)
-        from training.signals import failure_line
+        from tune_launch.training.signals import failure_line
 
         print(failure_line(info.rank, e), file=sys.stderr, flush=True)
         return 2
@@ -45,13 +45,13 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
 def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger, t_start: float) -> int:
     from transformers import set_seed
 
-    from training import data as D
-    from training.checkpoint import check_resume_compatible, resolve_resume, run_fingerprint
-    from training.model import build_model, load_saved_tokenizer, load_tokenizer
-    from training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
+    from tune_launch.training import data as D
+    from tune_launch.training.checkpoint import check_resume_compatible, resolve_resume, run_fingerprint
+    from tune_launch.training.model import build_model, load_saved_tokenizer, load_tokenizer
+    from tune_launch.training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
 
     if info.device == "cpu":
-        from training.cpu_rehearsal import prepare_cpu_run
+        from tune_launch.training.cpu_rehearsal import prepare_cpu_run
 
         prepare_cpu_run(out / ".tune_launch", info.rank)
     sft = cfg.task == "sft"
@@ -98,8 +98,6 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     if cfg.consolidate.enabled:
         _checkpoint_last_step(trainer, out)
     final = final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
-    if cfg.consolidate.enabled:
-        _consolidate(cfg, info, out)
     report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
     if info.is_main:
         (out / "run_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
@@ -108,27 +106,13 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
 
 
 def _checkpoint_last_step(trainer, out: Path) -> None:
-    """Make the newest complete checkpoint the last step (a collective save on every rank) before consolidating."""
-    from training.checkpoint import find_resume_checkpoint
+    """Make the newest complete checkpoint the last step (a collective save on every rank): the launcher
+    consolidates it once every rank has exited (consolidate.enabled)."""
+    from tune_launch.training.checkpoint import find_resume_checkpoint
 
     newest = find_resume_checkpoint(out, warn=False)
     if newest is None or newest.name != f"checkpoint-{trainer.state.global_step}":
         trainer._save_checkpoint(trainer.model, trial=None)
-
-
-def _consolidate(cfg: TrainingConfig, info: RankInfo, out: Path) -> None:
-    """consolidate.enabled: stream the newest (sharded) checkpoint into HF safetensors at output_dir/consolidated."""
-    from training.checkpoint import find_resume_checkpoint
-
-    if info.is_main:
-        from launch.consolidation import consolidate_checkpoint
-
-        c = cfg.consolidate
-        result = consolidate_checkpoint(find_resume_checkpoint(out, warn=False), out / "consolidated", dtype=c.dtype,
-                                        max_shard_size=c.max_shard_size, merge_lora=c.merge_lora, force=True,
-                                        progress=None)
-        log.info("%s", result.summary())
-    barrier()
 
 
 def _sft_texts(parts) -> list[str]:
@@ -149,7 +133,7 @@ def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume
     """Facts about what really ran, gathered from every rank onto rank 0."""
     import torch.distributed as dist
 
-    from training.model import trainable_parameters
+    from tune_launch.training.model import trainable_parameters
 
     eng = trainer.model_wrapped
     ds: dict[str, Any] = {}
@@ -186,7 +170,7 @@ def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume
 
 
 def _newest_checkpoint(out: Path) -> str | None:
-    from training.checkpoint import find_resume_checkpoint
+    from tune_launch.training.checkpoint import find_resume_checkpoint
 
     p = find_resume_checkpoint(out, warn=False)
     return str(p.resolve()) if p else None

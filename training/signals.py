@@ -143,7 +143,7 @@ class GracefulStop(TrainerCallback):
                                           "checkpoint": f"checkpoint-{state.global_step}"}))
         log.warning("rank %d: checkpoint-%d saved after %s; exiting cleanly (run the same command to resume)",
                     self.rank, state.global_step, name)
-        from training.distributed import teardown
+        from tune_launch.training.distributed import teardown
 
         teardown()
         _flush()

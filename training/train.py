@@ -1,4 +1,4 @@
-"""The shared training script, run once per rank: `train.py CONFIG [key.sub=value ...]`.
+"""The shared training script, run once per rank: `python -m tune_launch.training.train CONFIG [key.sub=value ...]`.
 
 Parse and validate the YAML, set up rank-tagged logging, build tokenizer/data/model/trainer, train
 (resuming from the newest complete checkpoint), save, write output_dir/run_report.json, print the
@@ -12,15 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file by `accelerate launch training/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from training.config import ConfigError, check_device, load_config  # noqa: E402
-from training.distributed import RankInfo  # noqa: E402
+from tune_launch.training.config import ConfigError, check_device, load_config
+from tune_launch.training.distributed import RankInfo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", description="tune-launch's per-rank training script")
+    p = argparse.ArgumentParser(prog="python -m tune_launch.training.train", description="tune-launch's per-rank training script")
     p.add_argument("config", help="training YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.learning_rate=1e-4")
     return p.parse_args(argv)
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     offline_env(cfg, os.environ)
-    from training.run import run
+    from tune_launch.training.run import run
 
     return run(cfg, info)
 

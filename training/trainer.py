@@ -13,9 +13,9 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from training.checkpoint import AtomicCheckpointMixin
-from training.config import TrainingConfig
-from training.distributed import RankInfo
+from tune_launch.training.checkpoint import AtomicCheckpointMixin
+from tune_launch.training.schema import TrainingConfig
+from tune_launch.training.distributed import RankInfo
 
 log = logging.getLogger("tune_launch")
 KILL_ENV = "TUNE_LAUNCH_TEST_KILL_AT_STEP"  # fault injection for the resume tests: SIGKILL after this step
@@ -61,7 +61,7 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
         **precision_flags(cfg, info.device),
     )
     if info.device == "cuda":  # the GPU fast path: fused AdamW, Liger, compile where it pays (training/perf.py)
-        from training.perf import DeviceFacts, gpu_training_kwargs
+        from tune_launch.training.perf import DeviceFacts, gpu_training_kwargs
 
         kwargs.update(gpu_training_kwargs(cfg, DeviceFacts.probe("cuda"), info.profile))
     if sft:
@@ -111,7 +111,7 @@ class WhatRanCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.facts or model is None:
             return
-        from training.model import count_parameters, trainable_parameters
+        from tune_launch.training.model import count_parameters, trainable_parameters
 
         local, full = count_parameters(model)
         self.facts = {"local_params": local, "total_params": full, "trainable_params": trainable_parameters(model),
@@ -152,16 +152,16 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
     if cfg.task == "sft":
         from trl import SFTTrainer
 
-        from training.model import lora_config, prepare_for_kbit
+        from tune_launch.training.model import lora_config, prepare_for_kbit
 
         cls = type("AtomicSFTTrainer", (AtomicCheckpointMixin, SFTTrainer), {})
         model = prepare_for_kbit(model, cfg)
         trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
     else:
-        from training.data import collator_for
-        from training.model import lora_config
-        from training.perf import DeviceFacts, wrap_collator
+        from tune_launch.training.data import collator_for
+        from tune_launch.training.model import lora_config
+        from tune_launch.training.perf import DeviceFacts, wrap_collator
 
         lc = lora_config(cfg)
         if lc is not None:
@@ -176,8 +176,8 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
         trainer.add_callback(QuietProgressCallback())
     # tune-launch reliability (training/signals.py, training/faults.py): SIGTERM/SIGUSR1 -> checkpoint + clean exit;
     # an exception in train() ends the rank at once, named; TUNE_LAUNCH_FAULT arms a test-only fault (inert when unset).
-    from training.faults import install_faults
-    from training.signals import install_fail_fast, install_graceful_stop
+    from tune_launch.training.faults import install_faults
+    from tune_launch.training.signals import install_fail_fast, install_graceful_stop
 
     install_graceful_stop(trainer, info.rank)
     install_fail_fast(trainer, info.rank)
@@ -187,7 +187,7 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
 
 def first_batch_check(trainer) -> None:
     """Build one training batch the way the Trainer will and make sure it can give a loss."""
-    from training.data import check_batch
+    from tune_launch.training.data import check_batch
 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))])
     check_batch(batch)

@@ -6,7 +6,7 @@ shards), writer (streamed safetensors + SHA-256), verify, hf_files (config, toke
 progress, core (consolidate_checkpoint).
 """
 
-from launch.consolidation.core import ConsolidateResult, consolidate_checkpoint, read_source
-from launch.consolidation.source import ConsolidateError
+from tune_launch.launch.consolidation.core import ConsolidateResult, consolidate_checkpoint, read_source
+from tune_launch.launch.consolidation.source import ConsolidateError
 
 __all__ = ["ConsolidateError", "ConsolidateResult", "consolidate_checkpoint", "read_source"]

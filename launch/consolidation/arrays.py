@@ -19,7 +19,7 @@ def storage_dtype(dtype: str) -> np.dtype:
     try:
         return np.dtype(_STORAGE[dtype])
     except KeyError:
-        from launch.consolidation.source import ConsolidateError
+        from tune_launch.launch.consolidation.source import ConsolidateError
 
         raise ConsolidateError(f"tensors of dtype {dtype} are not supported; expected one of {sorted(_STORAGE)}") from None
 

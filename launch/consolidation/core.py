@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from launch.consolidation import hf_files as H
-from launch.consolidation.arrays import convert, convert_into
-from launch.consolidation.dcp import find_dcp_dir, read_dcp
-from launch.consolidation.hf_source import read_hf_folder
-from launch.consolidation.plan import (PEFT_PREFIX, OutputPlan, OutputTensor, Shard, lora_modules, output_dtype, parse_size,
+from tune_launch.launch.consolidation import hf_files as H
+from tune_launch.launch.consolidation.arrays import convert, convert_into
+from tune_launch.launch.consolidation.dcp import find_dcp_dir, read_dcp
+from tune_launch.launch.consolidation.hf_source import read_hf_folder
+from tune_launch.launch.consolidation.plan import (PEFT_PREFIX, OutputPlan, OutputTensor, Shard, lora_modules, output_dtype, parse_size,
                                        plan_adapter, plan_model, plan_shards)
-from launch.consolidation.progress import Progress, human_bytes, human_seconds
-from launch.consolidation.source import ConsolidateError, FileCache, Source, assemble, check_bounds
-from launch.consolidation.writer import write_shards
-from launch.consolidation.zero import find_zero_dir, read_zero
-from launch.durable import fsync_dir
+from tune_launch.launch.consolidation.progress import Progress, human_bytes, human_seconds
+from tune_launch.launch.consolidation.source import ConsolidateError, FileCache, Source, assemble, check_bounds
+from tune_launch.launch.consolidation.writer import write_shards
+from tune_launch.launch.consolidation.zero import find_zero_dir, read_zero
+from tune_launch.durable import fsync_dir
 
 INDEX = "model.safetensors.index.json"
 REPORT = "consolidation.json"
@@ -197,7 +197,7 @@ def _consolidate(src: Path, dst: Path, source: Source, plan: OutputPlan, config:
         _write_side_files(plan, tmp, config, dirs, out_dtype, hashes, source)
         if verify:
             check = Progress(len(plan.tensors), plan.nbytes, progress, label="verify")
-            from launch.consolidation.verify import verify_output
+            from tune_launch.launch.consolidation.verify import verify_output
 
             verify_output(tmp, plan.shards, hashes, produce, on_tensor=lambda t: check.advance(t.nbytes))
             check.done()

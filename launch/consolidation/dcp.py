@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
-from launch.consolidation.torchzip import ITEMSIZE, TensorRef, TorchZipError, index_slice, load_pickle
+from tune_launch.launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
+from tune_launch.launch.consolidation.torchzip import ITEMSIZE, TensorRef, TorchZipError, index_slice, load_pickle
 
 ZIP_MAGIC = b"PK\x03\x04"
 

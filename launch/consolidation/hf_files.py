@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from launch.consolidation.source import ConsolidateError
+from tune_launch.launch.consolidation.source import ConsolidateError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")

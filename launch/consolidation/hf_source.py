@@ -11,8 +11,8 @@ import json
 import struct
 from pathlib import Path
 
-from launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor
-from launch.consolidation.torchzip import TensorRef
+from tune_launch.launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor
+from tune_launch.launch.consolidation.torchzip import TensorRef
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}

@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from launch.consolidation.source import ConsolidateError, Source, SourceTensor
+from tune_launch.launch.consolidation.source import ConsolidateError, Source, SourceTensor
 
 PEFT_PREFIX = "base_model.model."
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.consolidation.arrays import convert_into, empty, storage_dtype
-from launch.consolidation.torchzip import ITEMSIZE, TensorRef
-from launch.errors import TuneLaunchError
+from tune_launch.launch.consolidation.arrays import convert_into, empty, storage_dtype
+from tune_launch.launch.consolidation.torchzip import ITEMSIZE, TensorRef
+from tune_launch.errors import TuneLaunchError
 
 
 class ConsolidateError(TuneLaunchError):

@@ -213,7 +213,7 @@ def read_small(ref: TensorRef):
     """A small contiguous tensor (a step counter) as a flat numpy array in its storage dtype."""
     import numpy as np
 
-    from launch.consolidation.arrays import storage_dtype
+    from tune_launch.launch.consolidation.arrays import storage_dtype
 
     item = ITEMSIZE[ref.dtype]
     with open(ref.path, "rb") as fh:

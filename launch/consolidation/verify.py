@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.consolidation.arrays import as_bytes, storage_dtype
-from launch.consolidation.hf_source import read_safetensors_file
-from launch.consolidation.plan import SAFETENSORS_DTYPES, OutputTensor, Shard
-from launch.consolidation.source import ConsolidateError, pread_exact
+from tune_launch.launch.consolidation.arrays import as_bytes, storage_dtype
+from tune_launch.launch.consolidation.hf_source import read_safetensors_file
+from tune_launch.launch.consolidation.plan import SAFETENSORS_DTYPES, OutputTensor, Shard
+from tune_launch.launch.consolidation.source import ConsolidateError, pread_exact
 
 
 def _library_view(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:

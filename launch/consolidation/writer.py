@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.consolidation.arrays import as_bytes, storage_dtype
-from launch.consolidation.plan import SAFETENSORS_DTYPES, OutputTensor, Shard
-from launch.consolidation.source import ConsolidateError
+from tune_launch.launch.consolidation.arrays import as_bytes, storage_dtype
+from tune_launch.launch.consolidation.plan import SAFETENSORS_DTYPES, OutputTensor, Shard
+from tune_launch.launch.consolidation.source import ConsolidateError
 
 PAGE = 4096
 _HASH_IN_THREAD = 8 << 20  # hash larger buffers in a second thread while the write runs

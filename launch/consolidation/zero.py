@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
-from launch.consolidation.torchzip import TensorRef, TorchZipError, index_file, read_small
+from tune_launch.launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
+from tune_launch.launch.consolidation.torchzip import TensorRef, TorchZipError, index_file, read_small
 
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
 
@@ -242,7 +242,7 @@ def _optimizer_step(optim: dict) -> float | None:
     if isinstance(step, (int, float)):
         return float(step)
     if isinstance(step, TensorRef) and step.numel == 1:
-        from launch.consolidation.arrays import to_float32
+        from tune_launch.launch.consolidation.arrays import to_float32
 
         try:
             value = read_small(step)
