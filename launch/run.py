@@ -1,17 +1,16 @@
 """The thin layer that acts: prints plans, picks a free port, runs the launch and supervises it.
 
-Supervision (`execute`): the launch runs in its own session with stderr teed through a reader that
-notes which rank failed and why. When a rank dies while others still run, the survivors get
-FAIL_FAST_S seconds, then SIGKILL: a rank blocked in a collective with a dead peer cannot hang the job
-until the collective timeout. SIGTERM/SIGUSR1/SIGHUP/SIGINT to the launcher become SIGUSR1 to every
-rank (one atomic checkpoint, clean exit; torchrun itself would pass SIGUSR1 on as a kill), bounded by
-the grace period; under SLURM the job is then requeued.
+Supervision (`execute`): the launch runs in its own session with stderr teed through a reader thread; what
+the lines and the rank processes say is judged by the pure `launch/supervision.py` (parser, policy, verdict).
+When a rank dies while others still run, the survivors get FAIL_FAST_S seconds, then SIGKILL: a rank blocked
+in a collective with a dead peer cannot hang the job until the collective timeout. SIGTERM/SIGUSR1/SIGHUP/
+SIGINT to the launcher become SIGUSR1 to every rank (one atomic checkpoint, clean exit; torchrun itself would
+pass SIGUSR1 on as a kill), bounded by the grace period; under SLURM the job is then requeued.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -20,25 +19,16 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TextIO
 
 from tune_launch.launch.command import build_command, build_env, full_env, shell_quote
-from tune_launch.redaction import redact, redact_env
 from tune_launch.launch.plan import LaunchPlan
+from tune_launch.launch.supervision import FAIL_FAST_S, KillEverything, RankOutput, Say, SignalRanks, Watch, verdict
+from tune_launch.protocol import grace_seconds
+from tune_launch.redaction import redact, redact_env
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
-FAIL_FAST_S = 5.0  # a dead rank's peers get this long to exit on their own before SIGKILL
-GRACE_ENV = "TUNE_LAUNCH_GRACE_S"  # ranks' stop grace (training/signals.py); the launcher allows 15 s more
-DEFAULT_GRACE_S = 120.0
-RANK_FAILED = re.compile(r"\[tune-launch\] rank (\d+) failed: (.*)$")
-SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
-SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
-PEER_LOST = re.compile(r"Connection (reset|closed) by peer|remote worker|Broken pipe|communicator was aborted|"
-                       r"NCCL (error|communicator)|DistBackendError|[Tt]imed? ?out|Socket Timeout", re.I)
-TAGGED_LINE = re.compile(r"^(\S+ )?\[(node\d+ rank\d+|tune-launch)[\] ]")  # rank log lines and our own
-USER_ERROR = re.compile(r"^(ConfigError|ConsolidateError|TuneLaunchError): ")  # a rank's one-line refusal
-TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
 
 def free_port() -> int:
@@ -77,25 +67,6 @@ def format_dry_run(plan: LaunchPlan, base_env: Mapping[str, str]) -> str:
     return "\n".join(out)
 
 
-@dataclass
-class Failure:
-    """The first rank that failed: global rank, how, and when the launcher learnt of it."""
-
-    rank: int
-    detail: str = ""
-    exitcode: int | None = None
-    at: float = field(default_factory=time.monotonic)
-
-
-def exit_detail(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 def requeue_command(env: Mapping[str, str], node_rank: int) -> list[str] | None:
     """`scontrol requeue JOB` from node 0 of a SLURM job, else None."""
     job = env.get("SLURM_JOB_ID")
@@ -107,147 +78,73 @@ def requeue_command(env: Mapping[str, str], node_rank: int) -> list[str] | None:
 
 
 class Supervisor:
-    """Runs one node's launch: tees stderr, watches the ranks, stops them fast on failure, gently on signals."""
+    """Runs one node's launch: tees stderr, watches the rank processes, acts on `Watch`'s decisions."""
 
     def __init__(self, plan: LaunchPlan, argv: list[str], env: Mapping[str, str], stream: TextIO,
                  fail_fast_s: float = FAIL_FAST_S) -> None:
         self.plan, self.argv, self.env, self.stream = plan, argv, dict(env), stream
-        self.fail_fast_s = fail_fast_s
-        try:
-            self.grace_s = float(env.get(GRACE_ENV) or DEFAULT_GRACE_S)
-        except ValueError:
-            self.grace_s = DEFAULT_GRACE_S
-        self.messages: dict[int, str] = {}  # rank -> its own one-line error, in the order they arrived
-        self.exitcodes: dict[int, int] = {}  # rank -> exit code, from torchrun's report
-        self.root_rank: int | None = None  # torchrun's "first observed failure"
-        self.first_evidence: float | None = None
-        self.killed: set[int] = set()  # ranks this supervisor SIGKILLed (their exit is not a cause)
-        self.stop_signal: int | None = None
-        self.stop_count = 0
+        self.output = RankOutput(plan.node_rank, plan.processes_per_node)
+        self.watch = Watch(grace_s=grace_seconds(env), fail_fast_s=fail_fast_s)
         self.ranks: dict[int, int] = {}  # pid -> global rank
-        self.gone: dict[int, float] = {}  # global rank -> when it was seen gone
-        self.refused = False  # a rank refused bad input (USER_ERROR): hold the launcher's traceback noise
-        self.held: list[str] = []
         self.lock = threading.Lock()
-
-    # ------------------------------------------------------------------ output
-
-    def _global(self, local_rank: int) -> int:
-        return self.plan.node_rank * self.plan.processes_per_node + local_rank
-
-    def _read(self, pipe) -> None:
-        block_rank: int | None = None
-        in_root = False
-        for line in iter(pipe.readline, ""):
-            with self.lock:
-                # After a rank refused bad input in one line, the launcher's own traceback about that exit is noise:
-                # held back (shown only if the verdict turns out to be something else), rank log lines still shown.
-                hold = self.refused and not TAGGED_LINE.match(line)
-                if hold:
-                    self.held.append(line)
-            if not hold:
-                self.stream.write(redact(line))
-                self.stream.flush()
-            with self.lock:
-                self._parse(line, block_rank, in_root)
-                if "Root Cause (first observed failure)" in line:
-                    in_root = True
-                m = SUMMARY_RANK.search(line)
-                if m:
-                    block_rank = self._global(int(m.group(2)))
-                m = SUMMARY_EXIT.search(line)
-                if m and block_rank is not None:
-                    self.exitcodes[block_rank] = int(m.group(1))
-                    if in_root and self.root_rank is None:
-                        self.root_rank = block_rank
-                    block_rank = None
-
-    def _parse(self, line: str, block_rank: int | None, in_root: bool) -> None:
-        m = RANK_FAILED.search(line)
-        if m:
-            self.messages.setdefault(int(m.group(1)), m.group(2).strip())
-            self.refused = self.refused or bool(USER_ERROR.match(m.group(2).strip()))
-            self.first_evidence = self.first_evidence or time.monotonic()
-        m = TORCHRUN_FAILED.search(line)
-        if m:
-            rank = self._global(int(m.group(2)))
-            self.exitcodes.setdefault(rank, int(m.group(1)))
-            self.root_rank = rank if self.root_rank is None else self.root_rank
-            self.first_evidence = self.first_evidence or time.monotonic()
-
-    def culprit(self) -> Failure | None:
-        """The rank that failed first: its own error, not a peer's 'connection reset' that followed it."""
-        secondary = {r for r, msg in self.messages.items() if PEER_LOST.search(msg)}
-        primaries = [r for r in self.messages if r not in secondary]
-        if not primaries:
-            silent = [r for r, c in self.exitcodes.items() if c != 0 and r not in secondary and r not in self.killed]
-            primaries = sorted(silent, key=lambda r: (r != self.root_rank, r))
-        if not primaries and self.gone:
-            primaries = [min(self.gone, key=self.gone.get)]
-        if not primaries:
-            primaries = [r for r in (self.root_rank, *self.messages) if r is not None][:1]
-        if not primaries:
-            return None
-        r = primaries[0]
-        code = self.exitcodes.get(r)
-        detail = self.messages.get(r) or (exit_detail(code) if code is not None else "exited while the other ranks were running")
-        return Failure(r, detail, code, self.first_evidence or time.monotonic())
 
     def say(self, text: str) -> None:
         print(f"[tune-launch] {text}", file=self.stream, flush=True)
 
-    # ------------------------------------------------------------------ the rank processes
+    def _read(self, pipe) -> None:
+        for line in iter(pipe.readline, ""):
+            with self.lock:
+                show = self.output.feed(line, time.monotonic())
+            if show:
+                self.stream.write(redact(line))
+                self.stream.flush()
 
-    def _rank_processes(self, proc: subprocess.Popen) -> list:
-        """The launcher's direct children are the ranks (torchrun runs inside it and starts them)."""
+    def _find_ranks(self, proc: subprocess.Popen) -> None:
+        """The launcher's direct children that torchrun exec'd as workers (LOCAL_RANK set, not accelerate itself:
+        accelerate also forks short-lived helpers, an nvidia-smi probe or pre-exec copies of itself, which are
+        never cached, so they are looked at again after their exec)."""
         import psutil
 
         try:
             children = psutil.Process(proc.pid).children()
         except psutil.Error:
-            return []
+            return
         for child in children:
-            if child.pid not in self.ranks:
-                # Only a worker torchrun exec'd counts: accelerate also forks short-lived helpers (an nvidia-smi
-                # probe, pre-exec copies of itself). Those are never cached, so they are looked at again after exec.
-                try:
-                    env, cmdline = child.environ(), child.cmdline()
-                    if "LOCAL_RANK" not in env or any("accelerate.commands.launch" in part for part in cmdline):
-                        continue
-                    local = int(env["LOCAL_RANK"])
-                except (psutil.Error, ValueError):
+            if child.pid in self.ranks:
+                continue
+            try:
+                env, cmdline = child.environ(), child.cmdline()
+                if "LOCAL_RANK" not in env or any("accelerate.commands.launch" in part for part in cmdline):
                     continue
-                self.ranks[child.pid] = self._global(local)
-        return children
+                self.ranks[child.pid] = self.output.global_rank(int(env["LOCAL_RANK"]))
+            except (psutil.Error, ValueError):
+                continue
 
-    def _alive(self, pid: int) -> bool:
+    def _alive(self) -> dict[int, bool]:
         import psutil
 
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    def _signal_ranks(self, sig: int) -> None:
-        for pid in list(self.ranks):
+        def up(pid: int) -> bool:
             try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
 
-    def _kill_all(self, proc: subprocess.Popen) -> None:
-        self._signal_ranks(signal.SIGKILL)
+        return {rank: up(pid) for pid, rank in self.ranks.items()}
+
+    def _signal(self, sig: int, ranks: tuple[int, ...]) -> None:
+        for pid, rank in list(self.ranks.items()):
+            if rank in ranks:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _kill_everything(self, proc: subprocess.Popen) -> None:
+        self._signal(signal.SIGKILL, tuple(self.ranks.values()))
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.stop_count += 1
-        if self.stop_signal is None:
-            self.stop_signal = signum
-
-    # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
         # USR1 is the ranks' "save and stop": accelerate/torchrun must ignore it, or they die of it before the save.
@@ -256,90 +153,45 @@ class Supervisor:
                                 preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
         reader = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
         reader.start()
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        stop_sent_at: float | None = None
-        killed_for: str | None = None
-        hard_deadline: float | None = None
+        previous = {s: signal.signal(s, lambda signum, _f: self.watch.on_stop_signal(signum)) for s in STOP_SIGNALS}
         try:
             while proc.poll() is None:
                 time.sleep(0.2)
-                self._rank_processes(proc)
-                now = time.monotonic()
-                if self.stop_signal is not None and stop_sent_at is None:
-                    stop_sent_at = now
-                    self.say(f"{signal.Signals(self.stop_signal).name}: asking every rank to save a checkpoint and stop "
-                             f"(grace {self.grace_s:.0f} s; send it again to stop at once)")
-                    self._signal_ranks(signal.SIGUSR1)
-                if stop_sent_at is not None and (self.stop_count > 1 or now - stop_sent_at > self.grace_s + 15):
-                    killed_for = "stop signal: grace period over" if self.stop_count <= 1 else "second stop signal"
-                    self._kill_all(proc)
-                    break
-                alive = {pid: r for pid, r in self.ranks.items() if self._alive(pid)}
-                for pid, r in self.ranks.items():
-                    if pid not in alive:
-                        self.gone.setdefault(r, now)
-                if self.gone and alive and stop_sent_at is None:
-                    first_rank, first_at = min(self.gone.items(), key=lambda kv: kv[1])
-                    self.first_evidence = self.first_evidence or first_at
-                    if now - first_at > self.fail_fast_s and killed_for is None:
-                        killed_for = f"rank {first_rank} is gone"
-                        hard_deadline = now + 10
-                        self.killed.update(alive.values())
-                        self._signal_ranks(signal.SIGKILL)  # torchrun then reports and exits on its own
-                if hard_deadline is not None and now > hard_deadline:
-                    self._kill_all(proc)
+                self._find_ranks(proc)
+                if self._act(proc, self.watch.tick(time.monotonic(), self._alive())):
                     break
             code = proc.wait()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         reader.join(timeout=5)
-        return self._outcome(code, killed_for)
+        return self._finish(code)
 
-    def _show_held(self) -> None:
-        if self.held:
-            self.stream.write("".join(redact(line) for line in self.held))
-            self.stream.flush()
-            self.held.clear()
+    def _act(self, proc: subprocess.Popen, actions: list) -> bool:
+        """Carry out the watch's decisions; True when the loop must end (everything was killed)."""
+        for action in actions:
+            if isinstance(action, Say):
+                self.say(action.text)
+            elif isinstance(action, SignalRanks):
+                self._signal(action.signum, action.ranks)
+            elif isinstance(action, KillEverything):
+                self._kill_everything(proc)
+                return True
+        return False
 
-    def _outcome(self, code: int, killed_for: str | None) -> int:
-        code = 128 - code if code < 0 else code
-        if self.stop_signal is not None:
-            self._show_held()
-        if self.stop_signal is not None and code == 0 and killed_for is None:
-            self.say(f"stopped by {signal.Signals(self.stop_signal).name}: every rank saved the checkpoint and exited; "
-                     "run the same command to resume")
-            requeue = requeue_command(self.env, self.plan.node_rank) if self.stop_signal in (signal.SIGTERM, signal.SIGUSR1) else None
-            if requeue:
-                done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
-                self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
-            return 0
-        if (self.stop_signal is not None and killed_for is None and self.exitcodes
-                and all(c < 0 or c > 128 for c in self.exitcodes.values())):
-            name = signal.Signals(self.stop_signal).name
-            print(f"tune-launch: error: stopped by {name} before the training loop (nothing new to save); "
-                  "the newest complete checkpoint, if any, is kept", file=self.stream, flush=True)
-            return 128 + self.stop_signal
+    def _finish(self, code: int) -> int:
         with self.lock:
-            f = self.culprit() if code != 0 or self.messages else None
-        if f is None:
-            self._show_held()
-            if code == 0:
-                return 0
-            reason = killed_for or exit_detail(code)
-            print(f"tune-launch: error: the launch failed ({reason}); see the rank logs above", file=self.stream, flush=True)
-            return code
-        user_error = bool(USER_ERROR.match(f.detail))
-        if not user_error:
-            self._show_held()
-        elif self.held:
-            self.say(f"({len(self.held)} lines of launcher traceback about that exit not shown)")
-        elapsed = max(0.0, time.monotonic() - f.at)
-        print(f"tune-launch: error: rank {f.rank} (node {self.plan.node_rank}) failed: {f.detail}; "
-              f"every rank had exited {elapsed:.1f} s later", file=self.stream, flush=True)
-        if user_error:
-            return 2  # the rank refused bad input (config, checkpoint) in one line: exit as for any bad input
-        return code or 1
+            v = verdict(self.output, self.watch, code, self.plan.node_rank, time.monotonic())
+            held = self.output.take_held()
+        if v.show_held and held:
+            self.stream.write("".join(redact(line) for line in held))
+        for line in v.lines:
+            print(line, file=self.stream, flush=True)
+        requeue = requeue_command(self.env, self.plan.node_rank) if v.requeue else None
+        if requeue:
+            done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
+            self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
+        return v.exit_code
 
 
 def execute(plan: LaunchPlan, base_env: Mapping[str, str], stream: TextIO = sys.stderr) -> int:

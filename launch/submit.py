@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tune_launch.errors import TuneLaunchError
+from tune_launch.protocol import grace_seconds
 from tune_launch.launch.slurm import (NodeLaunch, SlurmJob, SubmitSpec, check_partition, node_argv, omp_threads, parse_sbatch_options,
                           parse_time_minutes, partition_sizes, sbatch_parameters)
 
-GRACE_ENV = "TUNE_LAUNCH_GRACE_S"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,7 +121,7 @@ class NodeTask:
             # Stopped by the checkpoint signal on a node other than 0: node 0's task requeues the job, which ends
             # this one (SIGTERM -> _leave); a return or an error here would be read as this run's result.
             print(f"[tune-launch submit] node {rank}: stopped (exit {code}); waiting for node 0 to requeue the job", flush=True)
-            time.sleep(_grace(os.environ) + 60)
+            time.sleep(grace_seconds(os.environ) + 60)
             raise RuntimeError(f"node {rank}: stopped by the checkpoint signal, but the job was not requeued")
         if code != 0:
             raise RuntimeError(f"tune-launch on node {rank} exited with code {code}; its log is this task's output")
@@ -134,7 +134,7 @@ class NodeTask:
         """
         from submitit.helpers import DelayedSubmission
 
-        deadline = time.monotonic() + _grace(os.environ) + 30
+        deadline = time.monotonic() + grace_seconds(os.environ) + 30
         while self._proc is not None and self._proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         state = "running" if self._proc is not None and self._proc.poll() is None else f"exit {getattr(self._proc, 'returncode', None)}"
@@ -158,13 +158,6 @@ def _drop_stale_result(env: Mapping[str, str]) -> None:
         submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
     except (RuntimeError, OSError, KeyError):
         pass
-
-
-def _grace(env: Mapping[str, str]) -> float:
-    try:
-        return float(env.get(GRACE_ENV) or 120)
-    except ValueError:
-        return 120.0
 
 
 # --------------------------------------------------------------------------- building and submitting

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_launch.errors import TuneLaunchError
+from tune_launch.protocol import failure_line
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.distributed import RankInfo, barrier, teardown
 from tune_launch.training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
@@ -29,9 +30,7 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
         return code
     except TuneLaunchError as e:  # bad config or checkpoint: one line, and the line the supervisor reports
         log.error("%s", e)
-        from tune_launch.training.signals import failure_line
-
-        print(failure_line(info.rank, e), file=sys.stderr, flush=True)
+        print(failure_line(info.rank, e, refused=True), file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # noqa: BLE001 - a crash on one rank: name it, and do not wait for peers that may be stuck
         log.exception("rank %d failed: %s: %s", info.rank, type(e).__name__, e)

@@ -21,19 +21,12 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from tune_launch.errors import TuneLaunchError
+from tune_launch.protocol import failure_line, grace_seconds
+
 log = logging.getLogger("tune_launch")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-GRACE_ENV = "TUNE_LAUNCH_GRACE_S"
-DEFAULT_GRACE_S = 120.0
 STOPPED_MARKER = "stopped_by_signal.json"
-
-
-def grace_seconds(env: Any = None) -> float:
-    raw = (os.environ if env is None else env).get(GRACE_ENV, "")
-    try:
-        return float(raw) if raw else DEFAULT_GRACE_S
-    except ValueError:
-        return DEFAULT_GRACE_S
 
 
 def _flush() -> None:
@@ -151,12 +144,6 @@ class GracefulStop(TrainerCallback):
         return control
 
 
-def failure_line(rank: int, exc: BaseException) -> str:
-    """The one line the launcher's supervisor reads to name the failed rank and its error."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"[tune-launch] rank {rank} failed: {type(exc).__name__}: {text[:300]}"
-
-
 def install_fail_fast(trainer: Any, rank: int, exit_fn: Callable[[int], None] = os._exit) -> None:
     """An exception in the training loop ends this rank at once, naming it: no barrier or save with peers that
     may be blocked mid-collective (that is how one failing rank used to hang the job until the collective timeout)."""
@@ -169,7 +156,7 @@ def install_fail_fast(trainer: Any, rank: int, exit_fn: Callable[[int], None] = 
             import traceback
 
             traceback.print_exc()
-            print(failure_line(rank, exc), file=sys.stderr, flush=True)
+            print(failure_line(rank, exc, refused=isinstance(exc, TuneLaunchError)), file=sys.stderr, flush=True)
             _flush()
             exit_fn(1)
             raise
