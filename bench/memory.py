@@ -47,13 +47,13 @@ def case_config(case: str, model_dir: str, seq_len: int, micro_batch: int, steps
 
 def predicted_bytes(cfg, facts, gpu_memory_gib: float) -> dict[str, float]:
     """What the launcher's memory model says for this config on one GPU, term by term."""
-    from tune_launch.launch.hardware import Hardware
     from tune_launch.launch.memory import estimate_memory
-    from tune_launch.launch.plan import Placement, workload_for
-    from tune_launch.launch.profiles import PROFILES
+    from tune_launch.launch.plan import workload_for
+    from tune_launch.profiles import PROFILES
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
 
-    hw = Hardware(gpus_per_node=1, gpu_memory_gib=gpu_memory_gib or 80.0, bf16=True)
-    wl = workload_for(cfg, Placement("cuda", 1, 1), hw, micro_batch=cfg.train.micro_batch_size,
+    dev = DeviceFacts(kind="cuda", bf16=True, memory_gib=gpu_memory_gib or 80.0)
+    wl = workload_for(cfg, resolve_settings(cfg, dev, PROFILES["single-gpu"]), micro_batch=cfg.train.micro_batch_size,
                       checkpointing=cfg.train.gradient_checkpointing is True)
     est = estimate_memory(PROFILES["single-gpu"], facts, 1, 1, wl)
     terms = ("weights", "gradients", "optimizer", "gathered", "activations", "logits", "overhead")
@@ -82,6 +82,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     from tune_launch.training.distributed import RankInfo
     from tune_launch.training.model import build_model
     from tune_launch.training.packing import pack_best_fit
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     cuda = args.device == "cuda"
@@ -95,8 +97,10 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         info = RankInfo(device=args.device, profile="single-gpu" if cuda else "cpu")
-        targs = TrainingArguments(**{**arguments(cfg, info, sft=False), "disable_tqdm": True})
-        model = build_model(cfg, _VocabOnly(sh["vocab_size"]), args.device)
+        dev = DeviceFacts.probe(args.device)
+        settings = resolve_settings(cfg, dev, get_profile(info.profile))
+        targs = TrainingArguments(**{**arguments(cfg, info, False, settings, dev), "disable_tqdm": True})
+        model = build_model(cfg, _VocabOnly(sh["vocab_size"]), settings, dev)
         need = args.micro_batch * (args.steps + 1) * args.seq_len
         lengths = []
         seed = 0
@@ -106,7 +110,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         docs = C.random_documents(lengths, sh["vocab_size"])
         rows = pack_best_fit([[1, *d, 2] for d in docs], args.seq_len, pad_id=0)
         metrics = MetricsCallback()
-        trainer = build_trainer(cfg, info, targs, model, None, Dataset.from_list(rows), None, metrics)
+        trainer = build_trainer(cfg, info, targs, model, None, Dataset.from_list(rows), None, metrics, settings, dev)
         trainer.train()
         measured = torch.cuda.max_memory_reserved() if cuda else None
         allocated = torch.cuda.max_memory_allocated() if cuda else None

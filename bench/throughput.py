@@ -161,7 +161,9 @@ def _ours_trainer(variant: str, args: argparse.Namespace, sh: dict[str, Any], do
     from tune_launch.training.distributed import RankInfo
     from tune_launch.training.model import build_model
     from tune_launch.launch.plan import plan_batch
-    from tune_launch.training.perf import DeviceFacts, decide
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.perf import decide
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     raw = {
@@ -186,11 +188,12 @@ def _ours_trainer(variant: str, args: argparse.Namespace, sh: dict[str, Any], do
     train = dict(raw["train"], micro_batch_size=mb, gradient_checkpointing=gc)
     cfg = validate_config({**raw, "train": train}, "bench")
     info = RankInfo(device=args.device, profile="single-gpu" if args.device == "cuda" else "cpu")
-    targs = TrainingArguments(**{**arguments(cfg, info, sft=False), "disable_tqdm": True})
-    model = build_model(cfg, _VocabOnly(sh["model"]["vocab_size"]), args.device)
+    settings = resolve_settings(cfg, dev, get_profile(info.profile))
+    targs = TrainingArguments(**{**arguments(cfg, info, False, settings, dev), "disable_tqdm": True})
+    model = build_model(cfg, _VocabOnly(sh["model"]["vocab_size"]), settings, dev)
     rows = pack_best_fit([[1, *d, 2] for d in docs], cfg.max_length, pad_id=0)  # bos ... eos, as pretrain_dataset
-    trainer = build_trainer(cfg, info, targs, model, None, Dataset.from_list(rows), None, MetricsCallback())
-    plan = decide(cfg, dev, info.profile)
+    trainer = build_trainer(cfg, info, targs, model, None, Dataset.from_list(rows), None, MetricsCallback(), settings, dev)
+    plan = decide(cfg, dev, info.profile, settings)
     return trainer, mb, {"perf": plan.reasons, "gradient_checkpointing": gc, "attn": plan.attn_implementation,
                          "packing": "best-fit decreasing (training/packing.py)"}
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tune_launch.errors import TuneLaunchError
-from tune_launch.launch.hardware import GIB, Hardware
+from tune_launch.launch.hardware import Hardware
+from tune_launch.units import GIB
 from tune_launch.launch.memory import MemoryEstimate, Workload, estimate_memory, gpu_budget_bytes
 from tune_launch.launch.model_facts import ModelFacts
-from tune_launch.launch.profiles import PROFILES, Profile
+from tune_launch.profiles import PROFILES, Profile
 
 CHECKPOINTING_SPEED = 0.75  # recomputing the forward costs about a third more compute
 CPU_RAM_USABLE = 0.9
@@ -33,6 +34,11 @@ class Candidate:
     @property
     def fits(self) -> bool:
         return self.fits_gpu and self.fits_cpu
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables and reasons: the profile, '+gc' with gradient checkpointing."""
+        return self.profile.name + (" +gc" if self.estimate.gradient_checkpointing else "")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def choose_profile(facts: ModelFacts, hw: Hardware, workload: Workload, checkpoi
         raise TuneLaunchError(_nothing_fits_message(facts, hw, base, rows))
     micro = workload.micro_batch_size
     if auto_micro_batch:
-        micro = _largest_micro_batch(best, facts, hw, workload)
+        micro = largest_micro_batch(best, facts, hw, workload)
         est = estimate_memory(best.profile, facts, hw.total_gpus, hw.gpus_per_node,
                               replace(workload, micro_batch_size=micro, gradient_checkpointing=best.estimate.gradient_checkpointing))
         best = replace(best, estimate=est)
@@ -92,7 +98,7 @@ def choose_profile(facts: ModelFacts, hw: Hardware, workload: Workload, checkpoi
     return Choice(best, micro, _reason(best, rows, hw), tuple(rows))
 
 
-def _largest_micro_batch(best: Candidate, facts: ModelFacts, hw: Hardware, workload: Workload) -> int:
+def largest_micro_batch(best: Candidate, facts: ModelFacts, hw: Hardware, workload: Workload) -> int:
     budget = gpu_budget_bytes(hw.gpu_memory_gib)
     for mb in AUTO_MICRO_BATCHES:
         est = estimate_memory(best.profile, facts, hw.total_gpus, hw.gpus_per_node,
@@ -102,10 +108,6 @@ def _largest_micro_batch(best: Candidate, facts: ModelFacts, hw: Hardware, workl
     return 1
 
 
-def _label(c: Candidate) -> str:
-    return c.profile.name + (" +gc" if c.estimate.gradient_checkpointing else "")
-
-
 def _reason(best: Candidate, rows: list[Candidate], hw: Hardware) -> str:
     budget = gpu_budget_bytes(hw.gpu_memory_gib) / GIB
     faster = [r for r in rows if r.speed > best.speed]
@@ -113,10 +115,10 @@ def _reason(best: Candidate, rows: list[Candidate], hw: Hardware) -> str:
     if faster:
         top = max(faster, key=lambda r: r.speed)
         if not top.fits_gpu:
-            why_not = f"; {_label(top)} would need {top.estimate.total_gib:.1f} GiB"
+            why_not = f"; {top.label} would need {top.estimate.total_gib:.1f} GiB"
         else:
-            why_not = f"; {_label(top)} would need {top.estimate.cpu_ram_gib:.0f} GiB of CPU RAM (have {hw.cpu_ram_gib:.0f})"
-    return (f"{_label(best)} is the fastest profile that fits: {best.estimate.total_gib:.1f} of {budget:.1f} GiB "
+            why_not = f"; {top.label} would need {top.estimate.cpu_ram_gib:.0f} GiB of CPU RAM (have {hw.cpu_ram_gib:.0f})"
+    return (f"{best.label} is the fastest profile that fits: {best.estimate.total_gib:.1f} of {budget:.1f} GiB "
             f"usable per GPU{why_not}")
 
 
@@ -129,17 +131,17 @@ def _nothing_fits_message(facts: ModelFacts, hw: Hardware, workload: Workload, r
             lora_facts = facts if facts.lora_params else replace(facts, lora_params=_default_lora_params(facts))
             alt = build_table(lora_facts, hw, replace(workload, finetune=mode), None)
             if _best(alt):
-                ideas.append(f"{mode.upper()} fits ({_label(_best(alt))}, {_best(alt).estimate.total_gib:.1f} GiB)")
+                ideas.append(f"{mode.upper()} fits ({_best(alt).label}, {_best(alt).estimate.total_gib:.1f} GiB)")
                 break
     for factor in (2, 4, 8, 16, 32, 64):
         bigger = hw.with_gpus(hw.gpus_per_node, hw.nodes * factor) if hw.gpus_per_node >= 8 else hw.with_gpus(hw.gpus_per_node * factor)
         alt = _best(build_table(facts, bigger, workload, None))
         if alt:
-            ideas.append(f"{bigger.total_gpus} GPUs fit ({_label(alt)}, {alt.estimate.total_gib:.1f} GiB each)")
+            ideas.append(f"{bigger.total_gpus} GPUs fit ({alt.label}, {alt.estimate.total_gib:.1f} GiB each)")
             break
     if workload.micro_batch_size > 1 or workload.seq_len > 512:
         ideas.append("a smaller train.micro_batch_size or max_length")
-    return (f"nothing fits: {facts.num_params / 1e9:.2f}B parameters, the smallest plan ({_label(smallest)}) needs "
+    return (f"nothing fits: {facts.num_params / 1e9:.2f}B parameters, the smallest plan ({smallest.label}) needs "
             f"{smallest.estimate.total_gib:.1f} GiB per GPU and {smallest.estimate.cpu_ram_gib:.0f} GiB CPU RAM, "
             f"budget {budget:.1f} GiB per GPU x {hw.total_gpus} and {hw.cpu_ram_gib:.0f} GiB RAM per node; "
             f"would fit: {'; '.join(ideas) if ideas else 'nothing within 64x the GPUs'}")

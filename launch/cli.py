@@ -17,10 +17,17 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tune_launch.errors import TuneLaunchError
+
+if TYPE_CHECKING:  # the subcommands import what they need when they run: `tune-launch profiles` stays instant
+    from tune_launch.launch.hardware import Hardware
+    from tune_launch.launch.model_facts import ModelFacts
+    from tune_launch.launch.plan import LaunchPlan, LaunchRequest
+    from tune_launch.training.schema import TrainingConfig
 
 SUBCOMMANDS = ("detect", "profiles", "plan", "submit", "consolidate", "run")
 EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate"}
@@ -69,7 +76,17 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- inputs (the only side-effect readers)
 
-def _hardware(args: argparse.Namespace, env: Mapping[str, str], output_dir: str = "."):
+@dataclass(frozen=True)
+class Planned:
+    """A plan with the inputs it was made from (the subcommands print or check them)."""
+
+    plan: LaunchPlan
+    facts: ModelFacts | None
+    hw: Hardware
+    cfg: TrainingConfig
+
+
+def _hardware(args: argparse.Namespace, env: Mapping[str, str], output_dir: str = ".") -> Hardware:
     from tune_launch.launch.hardware import detect_hardware, load_hardware
 
     if args.hardware is not None:
@@ -77,15 +94,9 @@ def _hardware(args: argparse.Namespace, env: Mapping[str, str], output_dir: str 
     return detect_hardware(output_dir, env)
 
 
-def _request(args: argparse.Namespace, planning: bool):
+def _request(args: argparse.Namespace, planning: bool) -> LaunchRequest:
     from tune_launch.launch.plan import LaunchRequest
 
-    for flag in ("gpus", "nodes"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise TuneLaunchError(f"--{flag} {value}: must be at least 1" + (" (use --cpu to run without a GPU)" if flag == "gpus" else ""))
-    if not planning and args.num_processes is not None and not args.cpu:
-        raise TuneLaunchError("--num-processes goes with --cpu; on GPUs use --gpus")
     return LaunchRequest(
         config_path=Path(args.config), overrides=tuple(args.overrides), profile=args.profile, gpus=args.gpus,
         nodes=args.nodes, node_rank=getattr(args, "node_rank", None), main_process_ip=getattr(args, "main_process_ip", None),
@@ -95,9 +106,9 @@ def _request(args: argparse.Namespace, planning: bool):
     )
 
 
-def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool):
+def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool) -> Planned:
     from tune_launch.launch.plan import make_plan
-    from tune_launch.launch.profiles import get_profile
+    from tune_launch.profiles import get_profile
     from tune_launch.training.config import check_device, load_config
 
     if args.profile != "auto":
@@ -116,7 +127,7 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool)
         facts = model_facts(cfg.model)
     plan = make_plan(request, cfg, hw, facts)
     check_device(cfg, plan.device, str(request.config_path))
-    return plan, facts, hw, cfg
+    return Planned(plan, facts, hw, cfg)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -130,7 +141,7 @@ def cmd_detect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from tune_launch.launch.profiles import describe_profiles
+    from tune_launch.profiles import describe_profiles
 
     print(describe_profiles())
     return 0
@@ -141,8 +152,9 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     from tune_launch.launch.preflight import format_findings, run_preflight
 
-    plan, facts, hw, cfg = _make_plan(args, env, planning=True)
-    findings = run_preflight(cfg, plan, hw, env, facts)
+    p = _make_plan(args, env, planning=True)
+    plan, facts, hw = p.plan, p.facts, p.hw
+    findings = run_preflight(p.cfg, plan, hw, env, facts)
     if args.json:
         data = plan_json(plan, facts, hw)
         data["preflight"] = [{"check": f.check, "severity": f.severity, "message": f.message, "fix": f.fix} for f in findings]
@@ -161,9 +173,9 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from tune_launch.launch.preflight import raise_on_errors, run_preflight
     from tune_launch.launch.run import execute, format_dry_run, with_port
 
-    plan, facts, hw, cfg = _make_plan(args, env, planning=False)
-    plan = with_port(plan)
-    warnings = raise_on_errors(run_preflight(cfg, plan, hw, env, facts))
+    p = _make_plan(args, env, planning=False)
+    plan, cfg = with_port(p.plan), p.cfg
+    warnings = raise_on_errors(run_preflight(cfg, plan, p.hw, env, p.facts))
     for finding in warnings:
         print(f"tune-launch: warning: {finding.line()}", file=sys.stderr)
     if args.dry_run:

@@ -22,7 +22,7 @@ def build_command(plan: LaunchPlan, node_rank: int | None = None, python: str | 
     if plan.world_size > 1:
         argv += ["--machine_rank", str(rank), "--main_process_ip", plan.main_process_ip,
                  "--main_process_port", str(plan.main_process_port if plan.main_process_port is not None else 0)]
-    argv += ["--module", TRAIN_MODULE, str(Path(plan.config_path).resolve()), *plan.overrides]
+    argv += ["--module", TRAIN_MODULE, str(Path(plan.config_path).resolve()), *plan.rank_overrides]
     return argv
 
 

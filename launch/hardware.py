@@ -7,6 +7,7 @@ so plans for machines you are not on can be made and tested.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tune_launch.errors import TuneLaunchError
+from tune_launch.launch.slurm import SlurmJob
+from tune_launch.units import GIB
 
-GIB = 1024**3
 
 # Dense bf16 peak FLOP/s per device (no sparsity). Unknown devices fall back to None: MFU is then not reported.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -47,39 +49,6 @@ def peak_bf16_flops(gpu_name: str | None) -> float | None:
 
 
 @dataclass(frozen=True)
-class SlurmAllocation:
-    """The SLURM allocation this process runs in, read once from the environment."""
-
-    job_id: str
-    num_nodes: int
-    node_rank: int
-    nodelist: str
-    gpus_on_node: int | None
-    cpus_on_node: int | None
-    restart_count: int = 0
-
-    @classmethod
-    def from_environ(cls, env: Mapping[str, str]) -> SlurmAllocation | None:
-        if "SLURM_JOB_ID" not in env:
-            return None
-
-        def _int(name: str, default: int | None = None) -> int | None:
-            raw = env.get(name, "")
-            digits = raw.split("(")[0].split(",")[0]
-            return int(digits) if digits.isdigit() else default
-
-        return cls(
-            job_id=env["SLURM_JOB_ID"],
-            num_nodes=_int("SLURM_JOB_NUM_NODES", _int("SLURM_NNODES", 1)) or 1,
-            node_rank=_int("SLURM_NODEID", 0) or 0,
-            nodelist=env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")),
-            gpus_on_node=_int("SLURM_GPUS_ON_NODE"),
-            cpus_on_node=_int("SLURM_CPUS_ON_NODE"),
-            restart_count=_int("SLURM_RESTART_COUNT", 0) or 0,
-        )
-
-
-@dataclass(frozen=True)
 class Hardware:
     """One kind of node, `nodes` times. GPU fields are None/0 on a CPU-only machine."""
 
@@ -94,7 +63,8 @@ class Hardware:
     cpu_cores: int = 1
     cpu_ram_gib: float = 0.0
     disk_free_gib: float | None = None
-    slurm: SlurmAllocation | None = None
+    slurm: SlurmJob | None = None
+    liger_kernel: bool = False  # the liger_kernel package is installed where the ranks run
     versions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -139,7 +109,11 @@ def hardware_from_dict(data: Mapping[str, Any], source: str = "hardware") -> Har
         values.setdefault("bf16", all(g.get("bf16", False) for g in gpus))
         values.setdefault("compute_capability", gpus[0].get("compute_capability"))
     if isinstance(values.get("slurm"), Mapping):
-        values["slurm"] = SlurmAllocation(**values["slurm"])
+        try:
+            job = dict(values["slurm"])
+            values["slurm"] = SlurmJob(**{**job, "nodes": tuple(job.get("nodes", ()))})
+        except TypeError as e:
+            raise TuneLaunchError(f"{source}: 'slurm' is not what `tune-launch detect --json` writes ({e})") from None
     for key, kind in (("nodes", int), ("gpus_per_node", int), ("cpu_cores", int)):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0):
             raise TuneLaunchError(f"{source}: '{key}' must be a non-negative integer, got {values[key]!r}")
@@ -233,7 +207,7 @@ def detect_hardware(output_dir: str | os.PathLike[str] = ".", env: Mapping[str, 
     env = os.environ if env is None else env
     gpus = _probe_gpus()
     peer, nvlink = _probe_peer_access(len(gpus))
-    slurm = SlurmAllocation.from_environ(env)
+    slurm = SlurmJob.from_environ(env)
     target = Path(output_dir).resolve()
     while not target.exists() and target != target.parent:
         target = target.parent
@@ -253,6 +227,7 @@ def detect_hardware(output_dir: str | os.PathLike[str] = ".", env: Mapping[str, 
         cpu_ram_gib=round(_cpu_ram_gib(), 2),
         disk_free_gib=round(shutil.disk_usage(target).free / GIB, 2),
         slurm=slurm,
+        liger_kernel=importlib.util.find_spec("liger_kernel") is not None,
         versions=_versions(),
     )
 
@@ -282,7 +257,8 @@ def describe(hw: Hardware) -> str:
         lines.append(f"Disk      {hw.disk_free_gib:.1f} GiB free where output goes")
     if hw.slurm:
         s = hw.slurm
-        lines.append(f"SLURM     job {s.job_id}, {s.num_nodes} node(s) [{s.nodelist}], this node rank {s.node_rank}, restarts {s.restart_count}")
+        lines.append(f"SLURM     job {s.job_id}, {s.num_nodes} node(s) [{','.join(s.nodes)}], this node rank {s.node_rank}, "
+                     f"restarts {s.restart_count}")
     else:
         lines.append("SLURM     not inside an allocation")
     lines.append("Versions  " + ", ".join(f"{k} {v}" for k, v in hw.versions.items()))

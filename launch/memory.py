@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tune_launch.launch.model_facts import ModelFacts
-from tune_launch.launch.profiles import Profile
+from tune_launch.units import GIB
+from tune_launch.profiles import Profile
 
-GIB = 1024**3
 FIXED_OVERHEAD_BYTES = int(1.25 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
 QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + 8-bit absmax per 64 + fp32 per 256 absmax
 CPU_BASE_BYTES_PER_PROCESS = int(2.5 * GIB)  # python, torch, CUDA host side, data pipeline

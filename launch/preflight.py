@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tune_launch.errors import TuneLaunchError
-
-GIB = 1024**3
+from tune_launch.launch.hardware import Hardware
+from tune_launch.launch.model_facts import ModelFacts
+from tune_launch.launch.plan import LaunchPlan
+from tune_launch.training.schema import TrainingConfig
+from tune_launch.training.settings import DTYPE_OF_PRECISION
+from tune_launch.units import GIB
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout default: what waiting ranks allow
 TOKENIZE_BYTES_PER_S = 4 * 1024**2  # measured order of magnitude for a fast tokenizer + packing, per process
 SHARED_FS_ENV = "TUNE_LAUNCH_SHARED_FS"  # "1": trust that output_dir is shared even if its type looks local
@@ -65,56 +69,20 @@ class Probes:
 
 # --------------------------------------------------------------------------- helpers (pure)
 
-def _override(plan: Any, key: str) -> str | None:
-    """The value the launcher appends for `key` (e.g. train.gradient_checkpointing=true), if any."""
-    for text in getattr(plan, "overrides", ()) or ():
-        k, sep, v = text.partition("=")
-        if sep and k.strip() == key:
-            return v.strip()
-    return None
-
-
-def uses_checkpointing(cfg: Any, plan: Any) -> bool:
-    """Gradient checkpointing after `auto` is resolved by the plan's appended override."""
-    resolved = _override(plan, "train.gradient_checkpointing")
-    if resolved is not None:
-        return resolved.lower() in ("true", "1", "yes", "on")
-    return cfg.train.gradient_checkpointing is True
-
-
-def micro_batch(cfg: Any, plan: Any) -> int | None:
-    resolved = _override(plan, "train.micro_batch_size")
-    if resolved is not None and resolved.isdigit():
-        return int(resolved)
-    if getattr(plan, "micro_batch_size", None):
-        return plan.micro_batch_size
-    mb = cfg.train.micro_batch_size
-    return mb if isinstance(mb, int) else None
-
-
-def reentrant(cfg: Any) -> bool:
+def reentrant(cfg: TrainingConfig) -> bool:
     """Reentrant activation checkpointing was asked for (transformers 5 defaults to non-reentrant)."""
-    kwargs = getattr(cfg.train, "gradient_checkpointing_kwargs", None) or {}
-    return bool(kwargs.get("use_reentrant", False)) or bool(getattr(cfg.train, "reentrant_checkpointing", False))
+    return bool((cfg.train.gradient_checkpointing_kwargs or {}).get("use_reentrant", False))
 
 
-def collective_timeout_s(cfg: Any) -> int:
-    return int(getattr(cfg.train, "ddp_timeout", None) or DEFAULT_COLLECTIVE_TIMEOUT_S)
+def collective_timeout_s(cfg: TrainingConfig) -> int:
+    return int(cfg.train.ddp_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
 
 
-def _precision_dtype(cfg: Any, plan: Any) -> str | None:
-    p = cfg.train.precision
-    if p == "auto":
-        p = "fp32" if plan.device == "cpu" else "bf16"
-    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(p)
-
-
-def checkpoint_bytes(cfg: Any, plan: Any, probes: Probes) -> float | None:
+def checkpoint_bytes(cfg: TrainingConfig, plan: LaunchPlan, probes: Probes) -> float | None:
     """Bytes one checkpoint takes: weights in the save dtype plus fp32 optimizer state (and master weights)."""
     if probes.num_params is None:
         return None
-    dtype = _precision_dtype(cfg, plan)
-    weight = 4 if dtype == "float32" else 2
+    weight = 4 if plan.settings.weights_dtype == "float32" else 2
     if cfg.model.lora is not None:
         trainable = probes.trainable_params or 0
         return trainable * (4 + 8) + 64 * 1024**2  # adapters + Adam, plus tokenizer/config/rng slack
@@ -125,7 +93,7 @@ def checkpoint_bytes(cfg: Any, plan: Any, probes: Probes) -> float | None:
 
 # --------------------------------------------------------------------------- the checks
 
-def check_qlora_fsdp(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+def check_qlora_fsdp(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     q = cfg.model.quantization
     if q is None or plan.profile.strategy != "fsdp":
         return None
@@ -138,7 +106,7 @@ def check_qlora_fsdp(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | 
     return None
 
 
-def check_qlora_zero3(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+def check_qlora_zero3(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     q = cfg.model.quantization
     if q is None or plan.profile.zero_stage != 3:
         return None
@@ -153,8 +121,8 @@ def check_qlora_zero3(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding |
                        f"QLoRA with ZeRO-3 needs zero3_init_flag: true so the quantized model is loaded partitioned "
                        f"(accelerate config {plan.profile.accelerate_config} has false)",
                        "set deepspeed_config.zero3_init_flag: true in the accelerate config or use the shipped profile")
-    dtype = _precision_dtype(cfg, plan)
-    if dtype is not None and dtype != q.compute_dtype:
+    dtype = DTYPE_OF_PRECISION[plan.settings.precision]
+    if dtype != q.compute_dtype:
         return Finding("qlora-zero3", "error",
                        f"QLoRA with ZeRO-3 runs DeepSpeed in {dtype} (train.precision) but the 4-bit weights "
                        f"compute in {q.compute_dtype}; ZeRO-3 needs one dtype for all partitioned parameters",
@@ -162,8 +130,8 @@ def check_qlora_zero3(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding |
     return None
 
 
-def check_checkpointing(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
-    if not uses_checkpointing(cfg, plan):
+def check_checkpointing(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
+    if not plan.settings.gradient_checkpointing:
         return None
     if plan.profile.zero_stage == 3 and reentrant(cfg):
         return Finding("checkpointing-zero3", "error",
@@ -185,8 +153,8 @@ def check_checkpointing(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding
     return None
 
 
-def check_global_batch(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
-    target = getattr(cfg.train, "global_batch_size", None)
+def check_global_batch(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
+    target = cfg.train.global_batch_size
     if not target:
         return None
     accum = cfg.train.gradient_accumulation_steps
@@ -200,8 +168,8 @@ def check_global_batch(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding 
                        f"({world} x {accum} = {unit}): no whole micro batch per process gives it",
                        f"set train.global_batch_size to a multiple of {unit} ({options}) or change "
                        "train.gradient_accumulation_steps / the number of processes")
-    mb = micro_batch(cfg, plan)
-    if mb is not None and mb * unit != target and isinstance(cfg.train.micro_batch_size, int):
+    mb = plan.settings.micro_batch_size
+    if mb * unit != target and isinstance(cfg.train.micro_batch_size, int):
         return Finding("global-batch", "error",
                        f"train.global_batch_size {target} != micro batch {mb} x processes {world} x accumulation {accum} "
                        f"= {mb * unit}",
@@ -209,7 +177,7 @@ def check_global_batch(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding 
     return None
 
 
-def check_port(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+def check_port(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     if plan.world_size < 2 or plan.main_process_port in (None, 0) or plan.node_rank != 0 or not probes.port_in_use:
         return None
     return Finding("port", "error",
@@ -218,7 +186,7 @@ def check_port(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
                    "pick a free --main-process-port (or leave it out on one node to get a free one)")
 
 
-def check_output_dir(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+def check_output_dir(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     if probes.output_writable is False:
         return Finding("output-dir", "error",
                        f"output_dir {cfg.output_dir}: cannot write in {probes.output_probe_path or cfg.output_dir}; "
@@ -233,9 +201,9 @@ def check_output_dir(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | 
     return None
 
 
-def check_disk(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+def check_disk(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     need = checkpoint_bytes(cfg, plan, probes)
-    free = getattr(hw, "disk_free_gib", None)
+    free = hw.disk_free_gib
     if need is None or free is None:
         return None
     if free * GIB < need * 1.1:
@@ -252,7 +220,7 @@ def check_disk(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
     return None
 
 
-def check_data_prep(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | None:
+def check_data_prep(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     if plan.world_size < 2 or probes.data_bytes is None:
         return None
     procs = cfg.data.num_proc or 1
@@ -268,13 +236,13 @@ def check_data_prep(cfg: Any, plan: Any, hw: Any, probes: Probes) -> Finding | N
                    f"to at least {wanted} for that phase, or pre-tokenize the data once before launching")
 
 
-CHECKS: tuple[Callable[[Any, Any, Any, Probes], Finding | None], ...] = (
+CHECKS: tuple[Callable[[TrainingConfig, LaunchPlan, Hardware, Probes], Finding | None], ...] = (
     check_qlora_fsdp, check_qlora_zero3, check_checkpointing, check_global_batch, check_port,
     check_output_dir, check_disk, check_data_prep,
 )
 
 
-def evaluate(cfg: Any, plan: Any, hw: Any, probes: Probes) -> list[Finding]:
+def evaluate(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> list[Finding]:
     """Every check on injected facts; errors first."""
     found = [f for check in CHECKS if (f := check(cfg, plan, hw, probes)) is not None]
     return sorted(found, key=lambda f: f.severity != "error")
@@ -337,7 +305,7 @@ def filesystem_type(path: Path, mounts_text: str | None = None) -> str | None:
     return kind
 
 
-def local_data_bytes(cfg: Any) -> int | None:
+def local_data_bytes(cfg: TrainingConfig) -> int | None:
     sources = [*(cfg.data.train or []), *(cfg.data.eval or [])]
     if not sources or any(s.path is None for s in sources):
         return None
@@ -373,7 +341,7 @@ def _read_json(path: Path | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def gather_probes(cfg: Any, plan: Any, env: Mapping[str, str], facts: Any = None) -> Probes:
+def gather_probes(cfg: TrainingConfig, plan: LaunchPlan, env: Mapping[str, str], facts: ModelFacts | None = None) -> Probes:
     """Measure what the checks need on this node (port, output folder, data size, shipped configs)."""
     out = nearest_existing(Path(cfg.output_dir))
     port = plan.main_process_port
@@ -386,8 +354,8 @@ def gather_probes(cfg: Any, plan: Any, env: Mapping[str, str], facts: Any = None
         data_bytes=local_data_bytes(cfg),
         accelerate_config=_read_yaml(plan.profile.accelerate_config_path),
         deepspeed_config=_read_json(plan.profile.deepspeed_config_path),
-        num_params=getattr(facts, "num_params", None),
-        trainable_params=getattr(facts, "lora_params", None) or None,
+        num_params=facts.num_params if facts is not None else None,
+        trainable_params=(facts.lora_params or None) if facts is not None else None,
         env=dict(env),
         nodes_share_machine=resolves_to_loopback(plan.main_process_ip) if plan.nodes > 1 else None,
     )
@@ -395,7 +363,8 @@ def gather_probes(cfg: Any, plan: Any, env: Mapping[str, str], facts: Any = None
 
 # --------------------------------------------------------------------------- the launcher's entry points
 
-def run_preflight(cfg: Any, plan: Any, hw: Any, env: Mapping[str, str], facts: Any = None) -> list[Finding]:
+def run_preflight(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, env: Mapping[str, str],
+                  facts: ModelFacts | None = None) -> list[Finding]:
     """Probe this node, then run every check. Called by `tune-launch plan` and before every launch."""
     return evaluate(cfg, plan, hw, gather_probes(cfg, plan, env, facts))
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tune_launch.launch.hardware import GIB, Hardware
+from tune_launch.launch.hardware import Hardware
+from tune_launch.units import GIB
 from tune_launch.launch.model_facts import ModelFacts
 from tune_launch.launch.plan import LaunchPlan
-
-
-def _label(row) -> str:
-    return row.profile.name + (" +gc" if row.estimate.gradient_checkpointing else "")
+from tune_launch.training.settings import RESOLVED_KEYS
 
 
 def plan_table(plan: LaunchPlan, facts: ModelFacts | None, hw: Hardware) -> str:
@@ -26,7 +24,8 @@ def plan_table(plan: LaunchPlan, facts: ModelFacts | None, hw: Hardware) -> str:
         lines.append("")
         w = plan.workload
         if w is not None:
-            chosen_mb = f" (chosen row: {plan.micro_batch_size})" if plan.micro_batch_size != w.micro_batch_size else ""
+            mb = plan.settings.micro_batch_size
+            chosen_mb = f" (chosen row: {mb})" if mb != w.micro_batch_size else ""
             lines.append(f"rows      micro batch {w.micro_batch_size}{chosen_mb} x {w.seq_len} tokens, {w.precision}, "
                          f"{w.finetune} fine-tune; states = weights + gradients + optimizer")
         lines.append(f"{'profile':<20} {'GiB/GPU':>8} {'states':>8} {'activ.':>8} {'logits':>8} {'CPU RAM':>8}  {'fits':<4} {'speed':>5}")
@@ -34,16 +33,16 @@ def plan_table(plan: LaunchPlan, facts: ModelFacts | None, hw: Hardware) -> str:
             e = row.estimate
             mark = " <-" if plan.chosen is not None and row == plan.chosen else ""
             fits = "yes" if row.fits else ("RAM" if row.fits_gpu else "no")
-            lines.append(f"{_label(row):<20} {e.total_gib:>8.1f} {e.model_states / GIB:>8.1f} {e.activations / GIB:>8.1f} "
+            lines.append(f"{row.label:<20} {e.total_gib:>8.1f} {e.model_states / GIB:>8.1f} {e.activations / GIB:>8.1f} "
                          f"{e.logits / GIB:>8.1f} {e.cpu_ram_gib:>8.0f}  {fits:<4} {row.speed:>5.2f}{mark}")
         lines.append("")
     if plan.device == "cpu":
         lines.append("hardware  no GPU here: the job runs on the CPU; `--hardware FILE` plans for a GPU machine "
                      "(write one with `tune-launch detect --json` there, or the flat form in the README)")
     lines.append(f"chosen    {plan.profile.name}: {plan.reason}")
-    extra = [o for o in plan.overrides if o.startswith(("train.micro_batch_size=", "train.gradient_checkpointing="))]
-    if extra:
-        lines.append(f"settings  {' '.join(extra)}")
+    resolved = plan.settings.as_overrides()
+    if resolved:
+        lines.append(f"settings  {' '.join(resolved)}")
     lines += [f"note      {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -70,6 +69,8 @@ def plan_json(plan: LaunchPlan, facts: ModelFacts | None, hw: Hardware) -> dict[
         "world_size": plan.world_size,
         "budget_gib_per_gpu": round(plan.budget_gib, 3),
         "overrides": list(plan.overrides),
+        "settings": {key: plan.settings.value_of(key) for key in RESOLVED_KEYS},
+        "resolved_overrides": list(plan.settings.as_overrides()),
         "notes": list(plan.notes),
         "model": None if facts is None else {
             "model_type": facts.model_type, "num_params": facts.num_params, "lora_params": facts.lora_params,

@@ -13,6 +13,9 @@ from tune_launch.launch.command import build_command, build_env
 from tune_launch.launch.plan import LaunchRequest, make_plan
 
 TRAIN = ["--module", "tune_launch.training.train"]
+# what the YAMLs below leave `auto` (precision, weights dtype, Liger, compile, optimizer), resolved for an H100 node
+H100_SETTINGS = ["train.precision=bf16", "model.dtype=bfloat16", "train.use_liger_kernel=false",
+                 "train.torch_compile=false", "optim.optimizer=adamw_torch_fused"]
 
 
 def _write_hw(tmp_path, name):
@@ -39,7 +42,7 @@ def test_single_node_eight_gpus_fsdp_argv_and_env(tmp_path):
         "--config_file", str(ROOT / "accelerate_configs" / "fsdp.yaml"),
         "--num_processes", "8", "--num_machines", "1",
         "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29611",
-        *TRAIN, str(yaml_path.resolve()),
+        *TRAIN, str(yaml_path.resolve()), *H100_SETTINGS,
     ]
     assert build_env(plan, {"PATH": "/usr/bin"}) == {
         "OMP_NUM_THREADS": "12",  # 96 cores / 8 processes
@@ -62,7 +65,7 @@ def test_node_one_of_two_zero3_argv_and_env(tmp_path):
         "--deepspeed_config_file", str(ROOT / "deepspeed_configs" / "zero3.json"),
         "--num_processes", "16", "--num_machines", "2",
         "--machine_rank", "1", "--main_process_ip", "10.1.2.3", "--main_process_port", "29400",
-        *TRAIN, str(yaml_path.resolve()),
+        *TRAIN, str(yaml_path.resolve()), *H100_SETTINGS,
     ]
     env = build_env(plan, {"PYTHONPATH": "/opt/site"})
     assert "PYTHONPATH" not in env  # the ranks import the installed package; no path is injected
@@ -70,7 +73,7 @@ def test_node_one_of_two_zero3_argv_and_env(tmp_path):
     assert env["TUNE_LAUNCH_PROFILE"] == "zero3" and env["TUNE_LAUNCH_DEVICE"] == "cuda"
 
 
-def test_auto_settings_are_appended_as_overrides(tmp_path):
+def test_auto_settings_are_rendered_after_the_users_overrides(tmp_path):
     from tune_launch.launch.hardware import load_hardware
     from tune_launch.launch.model_facts import model_facts
     from tune_launch.training.config import load_config
@@ -81,7 +84,11 @@ def test_auto_settings_are_appended_as_overrides(tmp_path):
     cfg = load_config(yaml_path, ["optim.learning_rate=1e-5"])
     plan = make_plan(LaunchRequest(config_path=yaml_path, overrides=("optim.learning_rate=1e-5",), hardware_given=True,
                                    main_process_port=1234), cfg, load_hardware(_write_hw(tmp_path, "8x80")), model_facts(cfg.model))
-    assert build_command(plan)[-3:] == ["optim.learning_rate=1e-5", "train.micro_batch_size=1", "train.gradient_checkpointing=false"]
+    tail = build_command(plan)[-8:]
+    assert tail == ["optim.learning_rate=1e-5", "train.precision=bf16", "model.dtype=bfloat16", "train.micro_batch_size=1",
+                    "train.gradient_checkpointing=false", "train.use_liger_kernel=false", "train.torch_compile=true",
+                    "optim.optimizer=adamw_torch_fused"]  # ddp on whole GPUs, no Liger: compile pays
+    assert plan.overrides == ("optim.learning_rate=1e-5",) and plan.settings.micro_batch_size == 1
 
 
 def test_cpu_rehearsal_command(tmp_path):

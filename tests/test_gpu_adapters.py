@@ -36,6 +36,8 @@ def _train(model_dir, tmp_path, quantized: bool, steps: int = 12):
     from tune_launch.training.distributed import RankInfo
     from tune_launch.training.model import build_model, prepare_for_kbit
     from tune_launch.training.packing import pack_best_fit
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     model = {"name_or_path": str(model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
@@ -48,12 +50,14 @@ def _train(model_dir, tmp_path, quantized: bool, steps: int = 12):
         "logging": {"logging_steps": 1}, "checkpoint": {"save_steps": 10**6, "save_final_model": False},
         "output_dir": str(tmp_path / "out"), "seed": 0}, "test")
     info = RankInfo(device="cuda", profile="single-gpu")
-    args = TrainingArguments(**{**arguments(cfg, info, sft=False), "disable_tqdm": True})
+    dev = DeviceFacts.probe("cuda")
+    settings = resolve_settings(cfg, dev, get_profile(info.profile))
+    args = TrainingArguments(**{**arguments(cfg, info, False, settings, dev), "disable_tqdm": True})
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 512, (int(n),), generator=g).tolist() for n in torch.randint(20, 120, (16,), generator=g)]
     rows = pack_best_fit([[1, *d, 2] for d in docs], 128, pad_id=0)
     ds = Dataset.from_list(rows * 8)
-    net = prepare_for_kbit(build_model(cfg, _VocabOnly(512), "cuda"), cfg)
+    net = prepare_for_kbit(build_model(cfg, _VocabOnly(512), settings, dev), cfg, settings)
     metrics = MetricsCallback()
     grads: dict[str, float] = {}
 
@@ -66,7 +70,7 @@ def _train(model_dir, tmp_path, quantized: bool, steps: int = 12):
                     if "lora_" in n and p.grad is not None:
                         grads[n] = float(p.grad.float().abs().sum())
 
-    trainer = build_trainer(cfg, info, args, net, None, ds, None, metrics)
+    trainer = build_trainer(cfg, info, args, net, None, ds, None, metrics, settings, dev)
     trainer.add_callback(GradProbe())
     trainer.train()
     return trainer, [loss for _, loss in metrics.train_losses], grads

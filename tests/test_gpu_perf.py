@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_device_decisions_on_this_gpu():
     from tests.test_perf import cfg
-    from tune_launch.training.perf import DeviceFacts, decide
+    from tune_launch.training.perf import decide
+    from tune_launch.training.settings import DeviceFacts
 
     dev = DeviceFacts.probe("cuda")
     plan = decide(cfg(), dev)
@@ -65,19 +66,24 @@ def test_full_finetune_steps_with_the_fast_path(tmp_path):
     from tune_launch.training.distributed import RankInfo
     from tune_launch.training.model import build_model
     from tune_launch.training.packing import pack_best_fit
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, arguments, build_trainer
 
     c = cfg(train={"micro_batch_size": 4, "max_steps": 8, "gradient_checkpointing": False, "torch_compile": False},
             optim={"learning_rate": 3e-3, "scheduler": "constant"}, logging={"logging_steps": 1},
             checkpoint={"save_steps": 10**6, "save_final_model": False}, output_dir=str(tmp_path))
     info = RankInfo(device="cuda", profile="single-gpu")
-    args = TrainingArguments(**{**arguments(c, info, sft=False), "disable_tqdm": True})
+    dev = DeviceFacts.probe("cuda")
+    settings = resolve_settings(c, dev, get_profile(info.profile))
+    args = TrainingArguments(**{**arguments(c, info, False, settings, dev), "disable_tqdm": True})
     assert args.optim.value == "adamw_torch_fused" and args.bf16
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 512, (int(n),), generator=g).tolist() for n in torch.randint(5, 60, (12,), generator=g)]
     rows = pack_best_fit([[1, *d, 2] for d in docs], 128, 0) * 8
     metrics = MetricsCallback()
-    trainer = build_trainer(c, info, args, build_model(c, _VocabOnly(512), "cuda"), None, Dataset.from_list(rows), None, metrics)
+    trainer = build_trainer(c, info, args, build_model(c, _VocabOnly(512), settings, dev), None, Dataset.from_list(rows), None,
+                            metrics, settings, dev)
     trainer.train()
     losses = [loss for _, loss in metrics.train_losses]
     assert losses[-1] < losses[0], losses

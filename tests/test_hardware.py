@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tune_launch.errors import TuneLaunchError
-from tune_launch.launch.hardware import SlurmAllocation, detect_hardware, detect_json, hardware_from_dict, load_hardware, peak_bf16_flops
+from tune_launch.launch.hardware import detect_hardware, detect_json, hardware_from_dict, load_hardware, peak_bf16_flops
 
 FLAT = {"nodes": 2, "gpus_per_node": 8, "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 80, "bf16": True, "cpu_ram_gib": 1024}
 
@@ -61,10 +61,12 @@ def test_bad_hardware_is_one_clear_error(data, needle):
         hardware_from_dict(data)
 
 
-def test_slurm_allocation_from_environment():
+def test_detect_reads_the_slurm_allocation_with_the_one_slurm_reader():
+    from tune_launch.launch.slurm import SlurmJob
+
     env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
            "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "64", "SLURM_RESTART_COUNT": "1"}
-    alloc = SlurmAllocation.from_environ(env)
-    assert alloc == SlurmAllocation("4242", 2, 1, "n[1-2]", 8, 64, 1)
-    assert SlurmAllocation.from_environ({}) is None
-    assert detect_hardware(".", env).nodes == 2
+    hw = detect_hardware(".", env)
+    assert hw.slurm == SlurmJob.from_environ(env) and hw.nodes == 2 and hw.cpu_cores <= 64
+    assert (hw.slurm.main_host, hw.slurm.node_rank, hw.slurm.restart_count) == ("n1", 1, 1)
+    assert hardware_from_dict(hw.to_json()).slurm == hw.slurm  # detect --json round-trips

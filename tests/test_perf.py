@@ -16,7 +16,8 @@ from bench import common as C  # noqa: E402
 from bench.throughput import grouped_rows, padded_rows, summarize  # noqa: E402
 from tune_launch.training.config import validate_config  # noqa: E402
 from tune_launch.launch.plan import plan_batch
-from tune_launch.training.perf import DeviceFacts, decide, gpu_training_kwargs, model_load_kwargs
+from tune_launch.training.perf import decide, gpu_training_kwargs, model_load_kwargs
+from tune_launch.training.settings import DeviceFacts
 
 H100 = DeviceFacts(kind="cuda", name="NVIDIA H100 80GB HBM3", bf16=True, memory_gib=79.2, has_torch_varlen=True)
 TINYLLAMA_PARAMS = 1_100_048_384

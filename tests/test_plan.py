@@ -8,11 +8,11 @@ import pytest
 from launch_helpers import HARDWARE, MODELS, hardware, training_yaml
 
 from tune_launch.errors import TuneLaunchError
-from tune_launch.launch.hardware import GIB
+from tune_launch.units import GIB
 from tune_launch.launch.memory import Workload, estimate_memory, gpu_budget_bytes
 from tune_launch.launch.model_facts import model_facts
 from tune_launch.launch.plan import LaunchRequest, make_plan
-from tune_launch.launch.profiles import PROFILES
+from tune_launch.profiles import PROFILES
 from tune_launch.training.config import load_config
 
 
@@ -32,8 +32,7 @@ def _plan(hw_name: str, model: str, mode: str):
 
 
 def _label(plan) -> str:
-    gc = "train.gradient_checkpointing=true" in plan.overrides
-    return plan.profile.name + ("+gc" if gc else "")
+    return plan.profile.name + ("+gc" if plan.settings.gradient_checkpointing else "")
 
 
 # Expected choice per (hardware, model): full fine-tune, LoRA r=16, QLoRA; None = nothing fits (clear error).

@@ -52,6 +52,17 @@ def train_with(cfg, **fields):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=fields)})
 
 
+def replanned(cfg, plan):
+    """The plan's settings resolved again for an edited config, as the launcher would have resolved them."""
+    from tune_launch.launch.plan import device_facts, Placement
+    from tune_launch.training.settings import resolve_settings
+
+    dev = device_facts(Placement(plan.device, plan.processes_per_node, plan.nodes), hardware_from_dict(HARDWARE["8x80"]))
+    settings = resolve_settings(cfg, dev, plan.profile, micro_batch_size=plan.settings.micro_batch_size,
+                                gradient_checkpointing=plan.settings.gradient_checkpointing)
+    return replace(plan, settings=settings)
+
+
 def quant_with(cfg, **fields):
     model = cfg.model.model_copy(update={"quantization": cfg.model.quantization.model_copy(update=fields)})
     return cfg.model_copy(update={"model": model})
@@ -88,7 +99,7 @@ def test_qlora_zero3_needs_storage_init_flag_and_one_dtype(tmp_path):
     found = evaluate(fixed, plan, hw, no_init)
     assert ids(found) == ["qlora-zero3"] and "zero3_init_flag: true" in found[0].fix
     fp16 = train_with(fixed, precision="fp16")
-    found = evaluate(fp16, plan, hw, probes)
+    found = evaluate(fp16, replanned(fp16, plan), hw, probes)
     assert ids(found) == ["qlora-zero3"] and "train.precision" in found[0].fix
     _, zero2, _ = setup(tmp_path, mode="qlora", profile="zero2")
     assert evaluate(cfg, zero2, hw, shipped(zero2)) == []  # ZeRO-2 does not partition parameters
@@ -102,7 +113,8 @@ def test_reentrant_checkpointing_with_zero3(tmp_path):
     found = evaluate(bad, plan, hw, shipped(plan))
     assert ids(found) == ["checkpointing-zero3"] and "use_reentrant: false" in found[0].fix
     assert evaluate(cfg, plan, hw, shipped(plan)) == []  # non-reentrant (transformers' default) is fine
-    assert evaluate(train_with(bad, gradient_checkpointing=False), plan, hw, shipped(plan)) == []
+    no_gc = train_with(bad, gradient_checkpointing=False)
+    assert evaluate(no_gc, replanned(no_gc, plan), hw, shipped(plan)) == []
     _, ddp, _ = setup(tmp_path, profile="ddp", gradient_checkpointing=True)
     assert evaluate(bad, ddp, hw, shipped(ddp)) == []
 
@@ -110,8 +122,8 @@ def test_reentrant_checkpointing_with_zero3(tmp_path):
 def test_checkpointing_resolved_from_auto_counts(tmp_path):
     cfg, plan, hw = setup(tmp_path, profile="zero3", gradient_checkpointing=True)
     auto = train_with(cfg, gradient_checkpointing="auto", gradient_checkpointing_kwargs={"use_reentrant": True})
-    on = replace(plan, overrides=("train.gradient_checkpointing=true",))
-    off = replace(plan, overrides=("train.gradient_checkpointing=false",))
+    on = replace(plan, settings=replace(plan.settings, gradient_checkpointing=True))  # what the memory plan chose
+    off = replace(plan, settings=replace(plan.settings, gradient_checkpointing=False))
     assert ids(evaluate(auto, on, hw, shipped(plan))) == ["checkpointing-zero3"]
     assert evaluate(auto, off, hw, shipped(plan)) == []
 

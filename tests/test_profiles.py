@@ -7,7 +7,7 @@ import json
 import pytest
 from launch_helpers import ROOT
 
-from tune_launch.launch.profiles import PROFILES, config_file, get_profile
+from tune_launch.profiles import PROFILES, config_file, get_profile
 
 ACCELERATE = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 DEEPSPEED = sorted((ROOT / "deepspeed_configs").glob("*.json"))

@@ -12,7 +12,7 @@ import pytest
 from conftest import check_ok, launch, report, tiny_config, write_yaml
 from tune_launch.training.checkpoint import MARKER, find_resume_checkpoint, inspect_checkpoint, resolve_resume, seal
 from tune_launch.training.config import ConfigError
-from tune_launch.training.trainer import KILL_ENV
+from tune_launch.training.faults import FAULT_ENV
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
@@ -75,7 +75,7 @@ def test_killed_run_resumes_exactly_and_skips_partial_checkpoints(tiny_model_dir
 
     out = tmp_path / "killed"
     cfg = write_yaml(tmp_path / "killed.yaml", {**tiny_config(tiny_model_dir, out, **sections), "model": model})
-    killed = launch(cfg, env={KILL_ENV: "5"})
+    killed = launch(cfg, env={FAULT_ENV: "at=step,step=5,how=kill"})
     assert killed.returncode != 0 and not (out / "run_report.json").exists()
     assert inspect_checkpoint(out / "checkpoint-3").complete and not (out / "checkpoint-6").exists()
     # a newer checkpoint without its marker, and one with a truncated weights file

@@ -11,14 +11,15 @@ from conftest import check_ok, launch, tiny_config, write_yaml
 
 
 def test_fingerprint_compare_names_the_first_difference():
-    from tune_launch.training.checkpoint import incompatibility, layout_family
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.checkpoint import incompatibility
 
     base = {"task": "pretrain", "layout": "fsdp", "lora": None, "total_params": 10, "trainable_params": 10}
     assert incompatibility(base, dict(base)) is None
     assert incompatibility(base, {**base, "lora": {"r": 4, "target_modules": ["q_proj"]}}).startswith("lora: checkpoint None")
     assert incompatibility({**base, "world_size": 2}, {**base, "world_size": 4}) == "world_size: checkpoint 2, this run 4"
     assert incompatibility({"task": "pretrain"}, base) is None  # fields an older marker lacks are not compared
-    assert [layout_family(p) for p in ("fsdp-offload", "zero3-offload", "zero2", "ddp", "cpu")] == \
+    assert [get_profile(p).layout_family for p in ("fsdp-offload", "zero3-offload", "zero2", "ddp", "cpu")] == \
         ["fsdp", "deepspeed-zero3", "deepspeed-zero2", "plain", "plain"]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune_launch.durable import fsync_dir
+from tune_launch.profiles import get_profile
 
 log = logging.getLogger("tune_launch")
 MARKER = "tune_launch_complete.json"
@@ -91,15 +92,6 @@ def resolve_resume(setting: str, output_dir: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- compatibility
 
-def layout_family(profile: str) -> str:
-    """Checkpoints of profiles in one family load into each other (offload or not); across families they do not."""
-    if profile.startswith("fsdp"):
-        return "fsdp"
-    if profile.startswith("zero"):
-        return f"deepspeed-{profile.split('-')[0]}"
-    return "plain"
-
-
 def run_fingerprint(cfg, info, model) -> dict:
     """What a checkpoint must share with the run that resumes it: the task, the model's parameter counts (a
     different base model or LoRA on/off changes them), the LoRA shape, the checkpoint layout, and, for
@@ -109,7 +101,7 @@ def run_fingerprint(cfg, info, model) -> dict:
            "total_params": sum(p.numel() for p in model.parameters()),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "lora": None if lora is None else {"r": lora.r, "target_modules": lora.target_modules},
-           "layout": layout_family(info.profile)}
+           "layout": get_profile(info.profile).layout_family}
     if out["layout"].startswith("deepspeed"):
         out["world_size"] = info.world_size
     return out

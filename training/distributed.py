@@ -59,8 +59,33 @@ class RankInfo:
             node_rank=num("GROUP_RANK", "TUNE_LAUNCH_NODE_RANK", "NODE_RANK", default=rank // max(local_world, 1)),
             num_nodes=num("TUNE_LAUNCH_NUM_NODES", default=max(world // max(local_world, 1), 1)),
             device=device if device in ("cpu", "cuda") else "cpu",
-            profile=env.get("TUNE_LAUNCH_PROFILE", "cpu" if device == "cpu" else "single-gpu"),
+            profile=env.get("TUNE_LAUNCH_PROFILE") or profile_from_accelerate_env(env, device, world),
         )
+
+
+def profile_from_accelerate_env(env: Mapping[str, str], device: str, world_size: int) -> str:
+    """The profile of a rank started by a bare `accelerate launch --config_file <shipped profile>` (no tune-launch
+    to set TUNE_LAUNCH_PROFILE): read from the variables accelerate exports, so its traits are still right."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() not in ("", "none")
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        if path and path != "none":
+            try:
+                import json
+
+                zero = json.loads(open(path, encoding="utf-8").read()).get("zero_optimization", {})
+                stage = str(zero.get("stage", stage))
+                offload = offload or str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() != "none"
+            except (OSError, ValueError, AttributeError):
+                pass
+        name = "zero3" if stage == "3" else "zero2"
+        return f"{name}-offload" if offload else name
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp-offload" if env.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true" else "fsdp"
+    if world_size > 1:
+        return "ddp"
+    return "cpu" if device == "cpu" else "single-gpu"
 
 
 def _cuda_visible(env: Mapping[str, str]) -> bool:

@@ -4,7 +4,7 @@
 
 at:  data (while the batch is collated), forward (in the model's forward), collective (this rank starts an
      all-reduce its peers never join, then fails inside it), save (between the model and optimizer files of
-     the first checkpoint at or after `step`).
+     the first checkpoint at or after `step`), step (at the end of optimizer step `step`, after any save).
 how: kill (SIGKILL itself), raise (RuntimeError), exit (os._exit(3)), stop (SIGSTOP itself: a hung node).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger("tune_launch")
 FAULT_ENV = "TUNE_LAUNCH_FAULT"
-POINTS = ("data", "forward", "collective", "save")
+POINTS = ("data", "forward", "collective", "save", "step")
 HOWS = ("kill", "raise", "exit", "stop")
 
 
@@ -125,5 +125,14 @@ def install_faults(trainer: Any, rank: int, env: Any = None) -> FaultSpec | None
             return original(output_dir)
 
         trainer._save_optimizer_and_scheduler = faulty_save
+    elif spec.at == "step":
+        from transformers import TrainerCallback
+
+        class FaultAtStepEnd(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == spec.step:
+                    fire(spec, f"the end of step {spec.step}")
+
+        trainer.add_callback(FaultAtStepEnd())
     log.warning("%s armed: %s", FAULT_ENV, spec)
     return spec

@@ -9,22 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from tune_launch.training.schema import ModelConfig, TrainingConfig
+from tune_launch.training.settings import DeviceFacts, ResolvedSettings
 
 log = logging.getLogger("tune_launch")
-DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-def torch_dtype(cfg: TrainingConfig, device: str):
-    """Weights dtype: the YAML's, else bf16 on a GPU (pure bf16), else fp32.
-
-    fp16 keeps fp32 weights: the GradScaler refuses to unscale fp16 gradients, so fp16 is autocast over fp32."""
+def torch_dtype(settings: ResolvedSettings):
+    """The dtype the model is loaded in, as resolved once for the whole job (training/settings.py)."""
     import torch
 
-    if cfg.model.dtype != "auto":
-        return getattr(torch, cfg.model.dtype)
-    if device == "cpu" or cfg.train.precision in ("fp32", "fp16"):
-        return torch.float32
-    return torch.bfloat16
+    return getattr(torch, settings.weights_dtype)
 
 
 def model_config(m: ModelConfig, vocab_size: int | None):
@@ -59,16 +53,16 @@ def quantization_config(cfg: TrainingConfig):
                               bnb_4bit_quant_storage=getattr(torch, q.quant_storage))
 
 
-def build_model(cfg: TrainingConfig, tokenizer, device: str):
-    """The causal LM, fp32 master weights on CPU; seeded so every rank starts from the same weights."""
+def build_model(cfg: TrainingConfig, tokenizer, settings: ResolvedSettings, device: DeviceFacts):
+    """The causal LM in the resolved weights dtype; seeded so every rank starts from the same weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    m = cfg.model
-    dtype = torch_dtype(cfg, device)
-    from tune_launch.training.perf import DeviceFacts, model_load_kwargs
+    from tune_launch.training.perf import model_load_kwargs
 
-    kwargs: dict[str, Any] = model_load_kwargs(cfg, DeviceFacts.probe(device))  # attention for packed rows
+    m = cfg.model
+    dtype = torch_dtype(settings)
+    kwargs: dict[str, Any] = model_load_kwargs(cfg, device)  # attention for packed rows
     if m.from_scratch:
         config = model_config(m, len(tokenizer))
         config.pad_token_id = tokenizer.pad_token_id
@@ -99,13 +93,13 @@ def lora_config(cfg: TrainingConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def prepare_for_kbit(model, cfg: TrainingConfig):
+def prepare_for_kbit(model, cfg: TrainingConfig, settings: ResolvedSettings):
     """QLoRA: cast norms to fp32 and enable input grads (peft's recipe) before adapters go on."""
     if cfg.model.quantization is None:
         return model
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing is True)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
 
 
 def load_tokenizer(cfg: TrainingConfig, train_texts: list[str], save_dir: Path, is_writer: bool):

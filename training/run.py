@@ -46,7 +46,9 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
 
     from tune_launch.training import data as D
     from tune_launch.training.checkpoint import check_resume_compatible, resolve_resume, run_fingerprint
+    from tune_launch.profiles import get_profile
     from tune_launch.training.model import build_model, load_saved_tokenizer, load_tokenizer
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
 
     if info.device == "cpu":
@@ -58,11 +60,15 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
         from trl import SFTConfig as Args
     else:
         from transformers import TrainingArguments as Args
-    args = Args(**arguments(cfg, info, sft))
+    device = DeviceFacts.probe(info.device)
+    settings = resolve_settings(cfg, device, get_profile(info.profile))
+    args = Args(**arguments(cfg, info, sft, settings, device))
     _ = args.device  # initializes the process group (gloo on CPU, nccl on GPU)
     reattach_library_loggers(logger)  # accelerate imported DeepSpeed, which installs its own handler
     log.info("rank %d/%d on node %d, profile %s, device %s, task %s", info.rank, info.world_size, info.node_rank,
              info.profile, info.device, cfg.task)
+    log.info("settings: micro batch %d, gradient checkpointing %s; %s", settings.micro_batch_size,
+             "on" if settings.gradient_checkpointing else "off", "; ".join(settings.reasons))
     set_seed(cfg.seed)
 
     with args.main_process_first(local=False, desc="loading data"):
@@ -77,10 +83,10 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     else:
         train_ds = D.pretrain_dataset(train_parts, tokenizer, cfg)
         eval_ds = D.pretrain_dataset(eval_parts, tokenizer, cfg) if eval_parts else None
-    model = build_model(cfg, tokenizer, info.device)
+    model = build_model(cfg, tokenizer, settings, device)
     metrics = MetricsCallback()
     what_ran = WhatRanCallback()
-    trainer = build_trainer(cfg, info, args, model, tokenizer, train_ds, eval_ds, metrics)
+    trainer = build_trainer(cfg, info, args, model, tokenizer, train_ds, eval_ds, metrics, settings, device)
     trainer.add_callback(what_ran)
     fingerprint = run_fingerprint(cfg, info, trainer.model)  # after peft wrapped it, before FSDP/DeepSpeed do
     trainer.tune_launch_fingerprint = fingerprint

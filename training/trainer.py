@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -15,38 +13,32 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tune_launch.training.checkpoint import AtomicCheckpointMixin
 from tune_launch.training.schema import TrainingConfig
+from tune_launch.training.settings import DeviceFacts, ResolvedSettings
 from tune_launch.training.distributed import RankInfo
 
 log = logging.getLogger("tune_launch")
-KILL_ENV = "TUNE_LAUNCH_TEST_KILL_AT_STEP"  # fault injection for the resume tests: SIGKILL after this step
 
 
-def precision_flags(cfg: TrainingConfig, device: str) -> dict[str, bool]:
-    p = cfg.train.precision
-    if p == "auto":
-        p = "fp32" if device == "cpu" else "bf16"
-    return {"bf16": p == "bf16", "fp16": p == "fp16"}
-
-
-def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
-    """Keyword arguments shared by TrainingArguments and SFTConfig. Pure."""
+def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: ResolvedSettings,
+              device: DeviceFacts | None = None) -> dict[str, Any]:
+    """Keyword arguments shared by TrainingArguments and SFTConfig, with every `auto` as resolved. Pure."""
     t, o, lg, ck, ev = cfg.train, cfg.optim, cfg.logging, cfg.checkpoint, cfg.eval
     has_eval = cfg.data.generate is not None or bool(cfg.data.eval) or cfg.data.eval_fraction > 0
     kwargs: dict[str, Any] = dict(
         output_dir=cfg.output_dir,
-        per_device_train_batch_size=t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1,
-        per_device_eval_batch_size=ev.per_device_batch_size or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1),
+        per_device_train_batch_size=settings.micro_batch_size,
+        per_device_eval_batch_size=ev.per_device_batch_size or settings.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps,
         num_train_epochs=t.num_epochs,
         learning_rate=o.learning_rate, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        max_grad_norm=o.max_grad_norm, optim=o.optimizer, lr_scheduler_type=o.scheduler,
+        max_grad_norm=o.max_grad_norm, lr_scheduler_type=o.scheduler,
         warmup_steps=o.warmup_steps if o.warmup_steps else o.warmup_ratio,
-        activation_checkpointing=t.gradient_checkpointing is True,
+        activation_checkpointing=settings.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, **(t.gradient_checkpointing_kwargs or {})}
-        if t.gradient_checkpointing is True else None,
-        torch_compile=t.torch_compile is True,
-        use_liger_kernel=t.use_liger_kernel is True or (t.use_liger_kernel == "auto" and info.device == "cuda" and _has_liger()),
+        if settings.gradient_checkpointing else None,
+        torch_compile=settings.torch_compile,
+        use_liger_kernel=settings.use_liger_kernel,
         neftune_noise_alpha=t.neftune_noise_alpha,
         dataloader_num_workers=t.dataloader_num_workers, ddp_timeout=t.ddp_timeout,
         log_level=lg.log_level, log_level_replica=lg.log_level_replica, log_on_each_node=lg.log_on_each_node,
@@ -58,22 +50,16 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool) -> dict[str, Any]:
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=info.device == "cpu",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=sft,
         ddp_find_unused_parameters=False if info.distributed else None,
-        **precision_flags(cfg, info.device),
+        bf16=settings.precision == "bf16", fp16=settings.precision == "fp16", optim=settings.optimizer,
     )
-    if info.device == "cuda":  # the GPU fast path: fused AdamW, Liger, compile where it pays (training/perf.py)
-        from tune_launch.training.perf import DeviceFacts, gpu_training_kwargs
+    if info.device == "cuda":  # the GPU fast path: Liger's kernel choice, TF32 (training/perf.py)
+        from tune_launch.training.perf import gpu_training_kwargs
 
-        kwargs.update(gpu_training_kwargs(cfg, DeviceFacts.probe("cuda"), info.profile))
+        kwargs.update(gpu_training_kwargs(cfg, device or DeviceFacts.probe("cuda"), info.profile, settings))
     if sft:
         kwargs.update(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
                       dataset_text_field="text", dataset_num_proc=cfg.data.num_proc)
     return kwargs
-
-
-def _has_liger() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 class MetricsCallback(TrainerCallback):
@@ -125,43 +111,27 @@ class QuietProgressCallback(ProgressCallback):
         return
 
 
-class KillAtStep(TrainerCallback):
-    """Test fault injection: SIGKILL this process at the end of optimizer step `step`."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            log.warning("%s=%d: killing this process (test fault injection)", KILL_ENV, self.step)
-            for h in log.handlers:
-                h.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 class PretrainTrainer(AtomicCheckpointMixin, Trainer):
     pass
 
 
-def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, train_ds, eval_ds, metrics: MetricsCallback):
+def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, train_ds, eval_ds, metrics: MetricsCallback,
+                  settings: ResolvedSettings, device: DeviceFacts):
     """Trainer for pre-training, TRL's SFTTrainer for SFT; both with atomic checkpoints."""
     callbacks: list[TrainerCallback] = [metrics]
-    kill = os.environ.get(KILL_ENV, "")
-    if kill.isdigit():
-        callbacks.append(KillAtStep(int(kill)))
     if cfg.task == "sft":
         from trl import SFTTrainer
 
         from tune_launch.training.model import lora_config, prepare_for_kbit
 
         cls = type("AtomicSFTTrainer", (AtomicCheckpointMixin, SFTTrainer), {})
-        model = prepare_for_kbit(model, cfg)
+        model = prepare_for_kbit(model, cfg, settings)
         trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
     else:
         from tune_launch.training.data import collator_for
         from tune_launch.training.model import lora_config
-        from tune_launch.training.perf import DeviceFacts, wrap_collator
+        from tune_launch.training.perf import wrap_collator
 
         lc = lora_config(cfg)
         if lc is not None:
@@ -169,7 +139,7 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
 
             model = get_peft_model(model, lc)
         trainer = PretrainTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, data_collator=wrap_collator(collator_for(cfg, tokenizer), cfg, DeviceFacts.probe(info.device)),
+                                  processing_class=tokenizer, data_collator=wrap_collator(collator_for(cfg, tokenizer), cfg, device),
                                   callbacks=callbacks)
     trainer.pop_callback(PrinterCallback)  # MetricsCallback prints metrics, tagged, on the main process
     if trainer.pop_callback(ProgressCallback) is not None:

@@ -75,9 +75,19 @@ def read_source(path: Path) -> Source:
                            "(pytorch_model_fsdp_0/.metadata) or a DeepSpeed ZeRO one (global_stepN/*_optim_states.pt)")
 
 
+@dataclass(frozen=True)
+class PlannedOutput:
+    """What consolidation will write, and from what."""
+
+    plan: OutputPlan
+    config: dict  # the model's config, or the adapter's for an adapter folder
+    dirs: list[Path]  # folders the side files (config, tokenizer) are copied from
+    dtype: str  # the output dtype
+    source: Source  # the checkpoint's tensors, with the base weights added for a LoRA merge
+
+
 def plan_output(source: Source, checkpoint: Path, *, dtype: str, max_shard_size: str | int, merge_lora: bool,
-                config_dir: Path | None) -> tuple[OutputPlan, dict, list[Path], str, Source]:
-    """(plan, config or adapter config, folders with side files, output dtype, source incl. base weights)."""
+                config_dir: Path | None) -> PlannedOutput:
     dirs = H.candidate_dirs(checkpoint, config_dir)
     loras = lora_modules(source)
     adapter: dict = {}
@@ -91,7 +101,8 @@ def plan_output(source: Source, checkpoint: Path, *, dtype: str, max_shard_size:
         cfg_dtype = H.config_dtype(json.loads(base_cfg.read_text())) if base_cfg else None
         out_dtype = output_dtype(dtype, cfg_dtype)
         tensors = plan_adapter(source, out_dtype)
-        return OutputPlan("adapter", [Shard("adapter_model.safetensors", tuple(tensors))]), adapter, dirs, out_dtype, source
+        return PlannedOutput(OutputPlan("adapter", [Shard("adapter_model.safetensors", tuple(tensors))]), adapter, dirs,
+                             out_dtype, source)
     if loras:
         source = with_base_weights(source, loras, dirs)
     config, config_path = H.model_config(dirs)
@@ -105,7 +116,7 @@ def plan_output(source: Source, checkpoint: Path, *, dtype: str, max_shard_size:
             raise ConsolidateError(f"the checkpoint lacks {len(missing)} weight(s) the model config expects (e.g. "
                                    f"{missing[0]}); is {config_path} this model's config? pass --config DIR")
     plan = OutputPlan("model", plan_shards(tensors, parse_size(max_shard_size)), dropped)
-    return plan, config, dirs, out_dtype, source
+    return PlannedOutput(plan, config, dirs, out_dtype, source)
 
 
 def with_base_weights(source: Source, loras: dict, dirs: list[Path]) -> Source:
@@ -174,19 +185,19 @@ def consolidate_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dt
     src, dst = Path(src), Path(dst)
     source = read_source(src)
     check_bounds(source.tensors)
-    plan, config, dirs, out_dtype, source = plan_output(source, src, dtype=dtype, max_shard_size=max_shard_size,
-                                                merge_lora=merge_lora, config_dir=Path(config_dir) if config_dir else None)
+    out = plan_output(source, src, dtype=dtype, max_shard_size=max_shard_size, merge_lora=merge_lora,
+                      config_dir=Path(config_dir) if config_dir else None)
     try:
-        return _consolidate(src, dst, source, plan, config, dirs, out_dtype, t0, verify=verify, force=force,
-                            progress=progress)
+        return _consolidate(src, dst, out, t0, verify=verify, force=force, progress=progress)
     except OSError as e:  # disk full, file too large, permissions, I/O error: name the file, keep what was there
         where = e.filename or dst
         raise ConsolidateError(f"consolidating into {dst} failed at {where}: {e.strerror or e}; nothing was replaced "
                                "(free space or choose another folder, then run again)") from None
 
 
-def _consolidate(src: Path, dst: Path, source: Source, plan: OutputPlan, config: dict, dirs: list[Path], out_dtype: str,
-                 t0: float, *, verify: bool, force: bool, progress: TextIO | None) -> ConsolidateResult:
+def _consolidate(src: Path, dst: Path, out: PlannedOutput, t0: float, *, verify: bool, force: bool,
+                 progress: TextIO | None) -> ConsolidateResult:
+    plan, config, dirs, out_dtype, source = out.plan, out.config, out.dirs, out.dtype, out.source
     tmp = _prepare_destination(dst, src, force)
     files = FileCache()
     try:

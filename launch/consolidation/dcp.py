@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from tune_launch.launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor, check_coverage
-from tune_launch.launch.consolidation.torchzip import ITEMSIZE, TensorRef, TorchZipError, index_slice, load_pickle
+from tune_launch.launch.consolidation.torchzip import (ITEMSIZE, TensorRef, TorchZipError, contiguous_strides, index_slice,
+                                                    load_pickle)
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -121,7 +122,7 @@ def _chunk_ref(dcp_dir: Path, info, dtype: str, sizes: tuple[int, ...], fqn: str
         if nbytes != info.length:
             raise ConsolidateError(f"{path}: chunk of {fqn} at byte {info.offset} is neither a torch.save blob nor "
                                    f"{nbytes} raw bytes; this file does not belong to this .metadata")
-        return TensorRef(str(path), info.offset, nbytes, dtype, sizes, _contiguous(sizes), 0)
+        return TensorRef(str(path), info.offset, nbytes, dtype, sizes, contiguous_strides(sizes), 0)
     try:
         ref = index_slice(path, info.offset, info.length)
     except TorchZipError as e:
@@ -132,14 +133,6 @@ def _chunk_ref(dcp_dir: Path, info, dtype: str, sizes: tuple[int, ...], fqn: str
         raise ConsolidateError(f"{path}: chunk of {fqn} holds {got}, .metadata expects {(sizes, dtype)}; "
                                "the rank files come from different saves")
     return ref
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
 
 
 def _piece(ref: TensorRef, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Piece:

@@ -12,18 +12,10 @@ import struct
 from pathlib import Path
 
 from tune_launch.launch.consolidation.source import ConsolidateError, Piece, Source, SourceTensor
-from tune_launch.launch.consolidation.torchzip import TensorRef
+from tune_launch.launch.consolidation.torchzip import TensorRef, contiguous_strides
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= s
-    return tuple(reversed(out))
 
 
 def read_safetensors_file(path: Path) -> list[SourceTensor]:
@@ -45,7 +37,7 @@ def read_safetensors_file(path: Path) -> list[SourceTensor]:
             raise ConsolidateError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         shape = tuple(int(s) for s in info["shape"])
         lo, hi = info["data_offsets"]
-        ref = TensorRef(str(path), 8 + n + lo, hi - lo, dtype, shape, _strides(shape), 0)
+        ref = TensorRef(str(path), 8 + n + lo, hi - lo, dtype, shape, contiguous_strides(shape), 0)
         out.append(SourceTensor(name, shape, dtype, (Piece(ref, 0, ref.numel),)))
     return out
 

@@ -26,6 +26,15 @@ ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8,
             "uint8": 1, "bool": 1}
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides (in elements) of a dense tensor of `shape`."""
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    return tuple(reversed(strides))
+
+
 class TorchZipError(ValueError):
     """The bytes are not a readable torch.save archive (truncated, overwritten, or another format)."""
 

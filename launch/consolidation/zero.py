@@ -214,7 +214,6 @@ def _zero2_trainable(m0: dict, optims: list, world: int, zero_dir: Path) -> list
         for pi, (name, shape) in enumerate(shapes.items()):
             shape = _shape(shape)
             n = math.prod(shape)
-            pieces = [Piece(g, s, c, dest=0) for g, s, c in []]
             pieces = []
             for g, s, c in _span(parts, offset, n):
                 pieces.append(Piece(g, s, c, dest=sum(p.count for p in pieces)))

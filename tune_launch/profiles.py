@@ -1,8 +1,9 @@
-"""The shipped profiles: a name, what it shards or offloads, and the config files that implement it.
+"""The shipped profiles: a name, what it shards or offloads (its traits), and the config files that implement it.
 
-The files live in `accelerate_configs/` and `deepspeed_configs/` at the repository root; an installed
-wheel carries them as `tune_launch/accelerate_configs/` and `tune_launch/deepspeed_configs/`. Both sit next to
-this module's parent folder (`launch/..` in a checkout, `tune_launch/launch/..` in a wheel), so one path serves both.
+A leaf module: the launcher plans with these traits and the ranks read the same ones (by the name in
+TUNE_LAUNCH_PROFILE), so a new profile is one row here. The files live in `accelerate_configs/` and
+`deepspeed_configs/` at the repository root; an installed wheel carries them as `tune_launch/accelerate_configs/`
+and `tune_launch/deepspeed_configs/`, beside this module.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from tune_launch.errors import TuneLaunchError, did_you_mean
 
-_CONFIG_ROOT = Path(__file__).resolve().parent.parent  # the checkout's root, or the installed tune_launch/
+_HERE = Path(__file__).resolve().parent
+_CONFIG_ROOTS = (_HERE, _HERE.parent)  # an installed wheel (tune_launch/<folder>), a checkout (<root>/<folder>)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,22 @@ class Profile:
     multi_process: bool = True
     relative_speed: float = 1.0  # per GPU, compared with DDP; used to rank profiles that fit
     cpu_rehearsal: bool = False  # can run as N gloo processes on CPU
+
+    @property
+    def offloads(self) -> bool:
+        return self.offload_optimizer or self.offload_params
+
+    @property
+    def shards_or_offloads(self) -> bool:
+        """Parameters gathered or moved at every step: torch.compile's graph breaks there eat its gain."""
+        return self.shards_params or self.shards_gradients or self.offloads
+
+    @property
+    def layout_family(self) -> str:
+        """Checkpoints of profiles in one family load into each other (offload or not); across families they do not."""
+        if self.strategy == "deepspeed":
+            return f"deepspeed-zero{self.zero_stage}"
+        return "fsdp" if self.strategy == "fsdp" else "plain"
 
     @property
     def accelerate_config_path(self) -> Path:
@@ -89,10 +107,11 @@ def get_profile(name: str) -> Profile:
 
 
 def config_file(folder: str, filename: str) -> Path:
-    """A shipped config file (checkout or wheel: the same relative place)."""
-    path = _CONFIG_ROOT / folder / filename
-    if path.is_file():
-        return path
+    """A shipped config file, from the installed package or the checkout."""
+    for root in _CONFIG_ROOTS:
+        path = root / folder / filename
+        if path.is_file():
+            return path
     raise TuneLaunchError(f"shipped config {folder}/{filename} is missing from this installation; reinstall tune-launch")
 
 
