@@ -226,7 +226,7 @@ def test_result_path_names_device_and_date(tmp_path):
 
 @pytest.mark.slow
 def test_throughput_bench_cpu_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/throughput.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1",
+    proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1",
                            "--variants", "packed", "ours", "--out-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -239,7 +239,7 @@ def test_throughput_bench_cpu_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_memory_bench_cpu_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/memory.py", "--device", "cpu", "--tiny", "--cases", "full", "qlora",
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", "--device", "cpu", "--tiny", "--cases", "full", "qlora",
                            "--seq-lens", "64", "--micro-batches", "2", "--steps", "1", "--out-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

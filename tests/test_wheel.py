@@ -95,7 +95,7 @@ def test_profiles_training_and_consolidation_from_the_wheel(installed, tmp_path)
     two.write_text(yaml.safe_dump(cfg))
     run = _run([tune_launch, "--cpu", "--num-processes", "2", "--profile", "fsdp", two], env, work)
     assert "consolidated fsdp" in run.stderr, run.stderr[-3000:]
-    assert (work / "fsdp-run" / "consolidated" / "model.safetensors").is_file()
+    assert (work / "fsdp-run" / "consolidated" / "model.safetensors.index.json").is_file()
     _run([tune_launch, "consolidate", work / "fsdp-run" / "checkpoint-2", tmp_path / "hf", "--verify", "--quiet"], env, work)
     probe = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
              "a, b = M.from_pretrained(sys.argv[1]), M.from_pretrained(sys.argv[2]); "
