@@ -93,10 +93,15 @@ def alpaca_prompt(instruction: str, inp: str | None) -> str:
                                 input_block=f"### Input:\n{inp}\n\n" if inp else "")
 
 
-def to_sft_row(row: dict[str, Any], fmt: str, src: DataSource) -> dict[str, Any]:
-    """One row in TRL's shapes: {"text"}, {"prompt","completion"} strings, or conversational prompt/completion."""
+def to_sft_row(row: dict[str, Any], fmt: str, src: DataSource, index: int | None = None) -> dict[str, Any]:
+    """One row in TRL's shapes: {"text"}, {"prompt","completion"} strings, or conversational prompt/completion.
+    `index` (the row's position in its source) only names the row in errors."""
     if fmt == "text":
         return {"text": row[src.text_field]}
+    if fmt == "alpaca" and src.template is not None:  # data.train[].template (training/templates.py)
+        from tune_launch.training.templates import prompt_completion
+
+        return prompt_completion(row, src, index)
     if fmt == "alpaca":
         return {"prompt": alpaca_prompt(row["instruction"], row.get("input")), "completion": str(row["output"])}
     messages = list(row[src.messages_field])
@@ -168,7 +173,7 @@ def pretrain_dataset(parts: list[tuple[list[dict], DataSource]], tokenizer, cfg:
 def sft_dataset(parts: list[tuple[list[dict], DataSource]]):
     from datasets import Dataset
 
-    return Dataset.from_list([to_sft_row(r, s.format, s) for rows, s in parts for r in rows])
+    return Dataset.from_list([to_sft_row(r, s.format, s, i) for rows, s in parts for i, r in enumerate(rows)])
 
 
 def pad_id(tokenizer) -> int:

@@ -26,14 +26,38 @@ class LoraConfig(_Section):
     merge_at_end: bool = False
 
 
-class QuantizationConfig(_Section):
-    """4-bit QLoRA base weights through bitsandbytes."""
+FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype", "quant_storage")
 
-    load_in_4bit: bool = True
+
+class QuantizationConfig(_Section):
+    """Frozen base weights through bitsandbytes, under LoRA adapters: 4-bit NF4/FP4 (QLoRA, the default) or
+    8-bit LLM.int8 (`load_in_8bit: true`, 1 byte per weight, outlier features kept in 16 bits)."""
+
+    load_in_4bit: bool | None = None  # default: true, unless load_in_8bit
+    load_in_8bit: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] = "uint8"
+    int8_threshold: float = Field(6.0, ge=0)  # LLM.int8 outlier threshold (bitsandbytes' llm_int8_threshold)
+
+    @model_validator(mode="after")
+    def _one_width(self) -> QuantizationConfig:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both true; pick one (4-bit: QLoRA, 8-bit: LLM.int8)")
+        if self.load_in_4bit is False and not self.load_in_8bit:
+            raise ValueError("neither load_in_4bit nor load_in_8bit; drop model.quantization for LoRA on 16-bit weights")
+        if self.load_in_8bit:
+            four = sorted(set(FOUR_BIT_ONLY) & self.model_fields_set)
+            if four:
+                raise ValueError(f"{four[0]} is a 4-bit setting; 8-bit LLM.int8 has none (drop it, or use load_in_4bit)")
+        elif "int8_threshold" in self.model_fields_set:
+            raise ValueError("int8_threshold is an 8-bit setting; add load_in_8bit: true or drop it")
+        return self
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.load_in_8bit else 4
 
 
 class ModelConfig(_Section):
@@ -56,8 +80,10 @@ class ModelConfig(_Section):
                 "give exactly one of model.name_or_path (hub name or local folder), model.config (inline "
                 f"config, trained from scratch) or model.config_path (config.json, from scratch); got {sources or 'none'}"
             )
-        if self.quantization is not None and self.lora is None:
-            raise ValueError("model.quantization (QLoRA) needs model.lora: 4-bit weights cannot be trained directly")
+        q = self.quantization
+        if q is not None and self.lora is None:
+            kind = "QLoRA" if q.bits == 4 else "8-bit LoRA"
+            raise ValueError(f"model.quantization ({kind}) needs model.lora: {q.bits}-bit weights cannot be trained directly")
         return self
 
     @property
@@ -93,11 +119,16 @@ class DataSource(_Section):
     text_field: str = "text"
     messages_field: str = "messages"
     max_samples: int | None = Field(None, gt=0)
+    template: str | None = None  # format: alpaca: the prompt over the row's fields (training/templates.py)
+    completion_field: str = "output"  # with template: the field that is the completion
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
         if (self.path is None) == (self.name is None):
             raise ValueError("give exactly one of path (local file) or name (hub dataset) for each data source")
+        from tune_launch.training.templates import check_source_template
+
+        check_source_template(self)
         return self
 
 
@@ -200,6 +231,7 @@ class LoggingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    save_strategy: Literal["steps", "epoch"] = "steps"
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(3, gt=0)
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | never | a checkpoint folder
@@ -213,10 +245,37 @@ class CheckpointConfig(_Section):
         return v
 
 
+class EarlyStoppingConfig(_Section):
+    """Stop when eval.metric_for_best_model has not improved by more than `threshold` for `patience` evaluations."""
+
+    patience: int = Field(gt=0)
+    threshold: float = Field(0.0, ge=0)
+
+
 class EvalConfig(_Section):
+    """When to evaluate, and which checkpoint is the best (same meaning as transformers' fields of these names)."""
+
+    eval_strategy: Literal["steps", "epoch"] = "steps"
     eval_steps: int | None = Field(None, gt=0)
     eval_at_start: bool = False
     per_device_batch_size: int | None = Field(None, gt=0)
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None  # default: loss, once a best checkpoint is tracked
+    greater_is_better: bool | None = None  # default: false for a loss, true for any other metric
+    early_stopping: EarlyStoppingConfig | None = None
+
+    @property
+    def best_metric(self) -> str | None:
+        """The metric that picks the best checkpoint, without transformers' eval_ prefix; None if none is tracked."""
+        if self.metric_for_best_model is not None:
+            return self.metric_for_best_model.removeprefix("eval_")
+        return "loss" if self.load_best_model_at_end or self.early_stopping is not None else None
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.best_metric or "loss").endswith("loss")
 
 
 class ConsolidateConfig(_Section):
@@ -226,6 +285,27 @@ class ConsolidateConfig(_Section):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_shard_size: str = "5GB"
     merge_lora: bool = False
+    checkpoint: Literal["best", "last"] = "last"  # best: the checkpoint eval.metric_for_best_model liked most
+
+
+class HubConfig(_Section):
+    """Publish to the Hugging Face Hub: the final (consolidated) model at the end; with `checkpoint` also the newest
+    checkpoint (to last-checkpoint/, resumable), with `all_checkpoints` every one. The token comes only from HF_TOKEN
+    in the environment."""
+
+    model_id: str
+    strategy: Literal["end", "checkpoint", "all_checkpoints"] = "end"
+    private: bool = True
+
+    @field_validator("model_id")
+    @classmethod
+    def _repo_shape(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", v) or ".." in v or len(v) > 96:
+            raise ValueError("give the repository as namespace/name (your user or organization, then the model), "
+                             "letters, digits, '.', '_' or '-'")
+        return v
 
 
 class TrainingConfig(_Section):
@@ -244,6 +324,8 @@ class TrainingConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     consolidate: ConsolidateConfig = Field(default_factory=ConsolidateConfig)
+    hub: HubConfig | None = None
+    trainer: dict[str, Any] = Field(default_factory=dict)  # extra TrainingArguments / SFTConfig fields
     output_dir: str = "outputs/run"
     seed: int = 42
 
@@ -259,4 +341,18 @@ class TrainingConfig(_Section):
             raise ValueError("consolidate.merge_lora: LoRA options without model.lora; add model.lora or drop the option")
         if self.train.neftune_noise_alpha is not None and self.task != "sft":
             raise ValueError("train.neftune_noise_alpha: NEFTune is for fine-tuning; use task: sft or drop it")
+        from tune_launch.training.schema_checks import check_best_model, check_outputs, check_schedules
+
+        check_schedules(self)
+        check_best_model(self)
+        check_outputs(self)
+        if self.trainer:
+            from tune_launch.training.passthrough import check_trainer_fields
+
+            check_trainer_fields(self.trainer, self.task)
         return self
+
+    @property
+    def has_eval(self) -> bool:
+        """An eval split exists (generated, given, or cut from the training data)."""
+        return self.data.generate is not None or bool(self.data.eval) or self.data.eval_fraction > 0
