@@ -168,7 +168,18 @@ class AtomicCheckpointMixin:
     """Trainer mixin: HF's _save_checkpoint writes into the staging folder, then the folder is sealed."""
 
     _staging_root: str | None = None
+    _rotation_limit: int | None = None  # save_total_limit while train() runs (transformers' own rotation is off)
     tune_launch_fingerprint: dict | None = None  # set by training.run: recorded in every checkpoint's marker
+
+    def train(self, *args, **kwargs):  # type: ignore[override]
+        """Rotation is ours (`_rotate`, after each seal): with a best checkpoint and save_total_limit 1, transformers'
+        own would delete the newest checkpoint at the end of train(), which resume needs."""
+        targs = self.args  # type: ignore[attr-defined]
+        self._rotation_limit, targs.save_total_limit = targs.save_total_limit, None
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            targs.save_total_limit, self._rotation_limit = self._rotation_limit, None
 
     def _get_output_dir(self, trial):  # type: ignore[override]
         if self._staging_root is not None:
@@ -186,20 +197,24 @@ class AtomicCheckpointMixin:
         if args.should_save and staging.exists():
             shutil.rmtree(staging)  # left by a crash during an earlier save
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
-        limit = args.save_total_limit
+        previous = args.save_total_limit  # None inside train(), where `_rotation_limit` holds it
+        limit = previous if previous is not None else self._rotation_limit
         args.save_total_limit = None  # rotation happens below, in the real folder, after sealing
         self._staging_root = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_root = None
-            args.save_total_limit = limit
+            args.save_total_limit = previous
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank's shard is written
         final = run_dir / staging.name
+        from tune_launch.training.best import point_at_sealed
+
+        point_at_sealed(self, run_dir, staging if args.should_save else None)  # the best is recorded by its sealed path
         if args.should_save:
             _save_model_files(self, staging)
             seal(staging, final, step, self.tune_launch_fingerprint)
-            _rotate(run_dir, limit)
+            _rotate(run_dir, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
             log.info("checkpoint %s written (atomic, marker %s)", final, MARKER)
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
 
@@ -216,13 +231,20 @@ def _save_model_files(trainer, folder: Path) -> None:
         tokenizer.save_pretrained(str(folder))
 
 
-def _rotate(run_dir: Path, limit: int | None) -> None:
-    """Keep the newest `limit` complete checkpoints; incomplete ones older than the newest complete go too."""
+def _rotate(run_dir: Path, limit: int | None, best: str | os.PathLike[str] | None = None) -> None:
+    """Keep the newest `limit` complete checkpoints; incomplete ones older than the newest complete go too.
+
+    The best checkpoint (eval.metric_for_best_model) is never deleted. As in transformers it counts within the
+    limit, taking the place of the oldest kept one, except that the newest always stays (resume needs it): a limit
+    of 2 keeps the best and the newest, a limit of 1 keeps both too."""
     if not limit:
         return
     statuses = list_checkpoints(run_dir)
     complete = [s for s in statuses if s.complete]
     keep = {s.path for s in complete[:limit]}
+    best_path = next((s.path for s in complete if best is not None and s.path.name == Path(best).name), None)
+    if best_path is not None and best_path not in keep:
+        keep = {s.path for s in complete[:max(limit - 1, 1)]} | {best_path}
     newest = complete[0].step if complete else -1
     for s in statuses:
         if s.path not in keep and (s.complete or s.step < newest):

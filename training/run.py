@@ -100,7 +100,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
         trainer.evaluate()
-    if cfg.consolidate.enabled:
+    if cfg.consolidate.enabled and cfg.consolidate.checkpoint == "last":  # best: that checkpoint exists already
         _checkpoint_last_step(trainer, out)
     final = final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
     report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
@@ -138,6 +138,7 @@ def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume
     """Facts about what really ran, gathered from every rank onto rank 0."""
     import torch.distributed as dist
 
+    from tune_launch.training.best import best_facts
     from tune_launch.training.model import trainable_parameters
 
     eng = trainer.model_wrapped
@@ -171,6 +172,7 @@ def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume
         "tokens_per_second": tokens / metrics.train_seconds if metrics.train_seconds else 0.0,
         "wall_seconds": wall, "output_dir": str(Path(cfg.output_dir).resolve()),
         "final_model": str(final.resolve()) if final else None, "checkpoint": _newest_checkpoint(Path(cfg.output_dir)),
+        **best_facts(trainer),  # best checkpoint and early stop (training/best.py)
     }
 
 
@@ -183,6 +185,8 @@ def _newest_checkpoint(out: Path) -> str | None:
 
 def summary(r: dict[str, Any]) -> str:
     """The few lines a user reads at the end of a run."""
+    from tune_launch.training.best import best_summary
+
     tl, el = r["train_losses"], r["eval_losses"]
     loss = f"{tl[0][1]:.3f} -> {tl[-1][1]:.3f}" if tl else "n/a"
     ev = f"{el[0][1]:.3f} -> {el[-1][1]:.3f}" if el else "n/a"
@@ -192,5 +196,6 @@ def summary(r: dict[str, Any]) -> str:
         f"{r['tokens_per_second']:.0f} tokens/s, {r['wall_seconds']:.0f} s",
         f"  train loss {loss}; eval loss {ev}",
         f"  checkpoint: {r['checkpoint'] or 'none'}",
+        *best_summary(r),
         f"  final model: {r['final_model'] or 'not saved'}",
     ])

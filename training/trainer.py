@@ -11,6 +11,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from tune_launch.training.best import best_model_arguments
 from tune_launch.training.checkpoint import AtomicCheckpointMixin
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.settings import DeviceFacts, ResolvedSettings
@@ -23,7 +24,7 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
               device: DeviceFacts | None = None) -> dict[str, Any]:
     """Keyword arguments shared by TrainingArguments and SFTConfig, with every `auto` as resolved. Pure."""
     t, o, lg, ck, ev = cfg.train, cfg.optim, cfg.logging, cfg.checkpoint, cfg.eval
-    has_eval = cfg.data.generate is not None or bool(cfg.data.eval) or cfg.data.eval_fraction > 0
+    has_eval = cfg.has_eval
     kwargs: dict[str, Any] = dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=settings.micro_batch_size,
@@ -44,9 +45,10 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
         log_level=lg.log_level, log_level_replica=lg.log_level_replica, log_on_each_node=lg.log_on_each_node,
         logging_steps=lg.logging_steps, logging_first_step=True, report_to=[r for r in lg.report_to if r != "none"] or "none",
         run_name=lg.run_name, disable_tqdm=not sys.stderr.isatty(),
-        eval_strategy="steps" if has_eval else "no",
+        eval_strategy=ev.eval_strategy if has_eval else "no",
         eval_steps=ev.eval_steps or ck.save_steps, eval_on_start=ev.eval_at_start and has_eval,
-        save_strategy="steps", save_steps=ck.save_steps, save_total_limit=ck.save_total_limit,
+        save_strategy=ck.save_strategy, save_steps=ck.save_steps, save_total_limit=ck.save_total_limit,
+        **best_model_arguments(cfg),
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=info.device == "cpu",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=sft,
         ddp_find_unused_parameters=False if info.distributed else None,
@@ -59,6 +61,7 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
     if sft:
         kwargs.update(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
                       dataset_text_field="text", dataset_num_proc=cfg.data.num_proc)
+    kwargs.update(cfg.trainer)  # `trainer:` passthrough, checked against the dataclass before launch (passthrough.py)
     return kwargs
 
 
@@ -118,7 +121,9 @@ class PretrainTrainer(AtomicCheckpointMixin, Trainer):
 def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, train_ds, eval_ds, metrics: MetricsCallback,
                   settings: ResolvedSettings, device: DeviceFacts):
     """Trainer for pre-training, TRL's SFTTrainer for SFT; both with atomic checkpoints."""
-    callbacks: list[TrainerCallback] = [metrics]
+    from tune_launch.training.callbacks import settings_callbacks
+
+    callbacks: list[TrainerCallback] = [metrics, *settings_callbacks(cfg)]
     if cfg.task == "sft":
         from trl import SFTTrainer
 
@@ -137,7 +142,9 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
         if lc is not None:
             from peft import get_peft_model
 
-            model = get_peft_model(model, lc)
+            from tune_launch.training.model import prepare_for_kbit
+
+            model = get_peft_model(prepare_for_kbit(model, cfg, settings), lc)
         trainer = PretrainTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                   processing_class=tokenizer, data_collator=wrap_collator(collator_for(cfg, tokenizer), cfg, device),
                                   callbacks=callbacks)
