@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from tune_launch.errors import TuneLaunchError
 from tune_launch.launch.hardware import Hardware
 from tune_launch.units import GIB
-from tune_launch.launch.memory import MemoryEstimate, Workload, estimate_memory, gpu_budget_bytes
+from tune_launch.launch.memory import MemoryEstimate, Workload, estimate_memory, gpu_budget_bytes, supports
 from tune_launch.launch.model_facts import ModelFacts
 from tune_launch.profiles import PROFILES, Profile
 
@@ -66,6 +66,8 @@ def build_table(facts: ModelFacts, hw: Hardware, workload: Workload, checkpointi
     options = [False, True] if checkpointing is None else [checkpointing]
     rows = []
     for profile in candidate_profiles(world):
+        if not supports(profile, workload):
+            continue
         for gc in options:
             est = estimate_memory(profile, facts, world, hw.gpus_per_node, replace(workload, gradient_checkpointing=gc))
             speed = profile.relative_speed * (CHECKPOINTING_SPEED if gc else 1.0)

@@ -6,8 +6,11 @@ Model states (bytes per parameter, N = world size, Psi = parameters):
   4 / 4 / 8. FSDP divides all three by N and adds the blocks being gathered.
 - DeepSpeed bf16/fp16: 16-bit weights 2, 16-bit grads 2, fp32 master + AdamW 12 (the ZeRO paper's K=12).
   ZeRO-2 divides grads and the 12 by N, ZeRO-3 all of them. fp32 training: 4 / 4 / 8.
-- LoRA: frozen base weights in the compute dtype (2 bytes; QLoRA about 0.516 for 4-bit NF4 with double quant)
-  plus 16 bytes per adapter parameter.
+- LoRA: frozen base weights in the compute dtype (2 bytes; QLoRA about 0.516 for 4-bit NF4 with double quant;
+  8-bit LLM.int8 1 byte, its per-row fp32 scales are under 0.1%) plus 16 bytes per adapter parameter. Quantized
+  weights are those of the blocks' linear layers; embeddings, norms and the LM head stay in the compute dtype.
+  8-bit weights cannot be sharded (FSDP flattens one dtype per unit, ZeRO-3 partitions floating-point parameters):
+  `supports` keeps those profiles out of the table.
 Activations (HF Llama-style block, SDPA/flash attention so no s^2 term), bytes per token per layer:
   28 h + 6 kv + 8 i in 16-bit; with gradient checkpointing only the 2 h block input per layer is kept plus one
   block being recomputed. Logits: 12 bytes per token per vocabulary entry (16-bit logits, fp32 upcast, its
@@ -24,6 +27,8 @@ from tune_launch.profiles import Profile
 
 FIXED_OVERHEAD_BYTES = int(1.25 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
 QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + 8-bit absmax per 64 + fp32 per 256 absmax
+INT8_BYTES_PER_PARAM = 1.0  # LLM.int8: int8 weights (+ one fp32 scale per output row, negligible)
+QUANTIZED_BYTES = {"qlora": QLORA_BYTES_PER_PARAM, "lora-int8": INT8_BYTES_PER_PARAM}
 CPU_BASE_BYTES_PER_PROCESS = int(2.5 * GIB)  # python, torch, CUDA host side, data pipeline
 ZERO2_BUCKET_ELEMENTS = 200_000_000  # allgather_bucket_size in deepspeed_configs/zero2*.json
 
@@ -36,7 +41,7 @@ class Workload:
     seq_len: int
     precision: str = "bf16"  # bf16 | fp16 | fp32
     master_weights: bool = False  # fp32 weights under autocast (fp16, fp32, or model.dtype float32)
-    finetune: str = "full"  # full | lora | qlora
+    finetune: str = "full"  # full | lora | qlora (4-bit base) | lora-int8 (8-bit base)
     gradient_checkpointing: bool = False
     fused_cross_entropy: bool = False
 
@@ -69,6 +74,13 @@ class MemoryEstimate:
     @property
     def cpu_ram_gib(self) -> float:
         return self.cpu_ram / GIB
+
+
+def supports(profile: Profile, workload: Workload) -> bool:
+    """False where the profile cannot hold the workload's weights at all (8-bit weights under sharding)."""
+    if workload.finetune == "lora-int8":
+        return profile.strategy != "fsdp" and profile.zero_stage != 3
+    return True
 
 
 def state_bytes_per_param(profile: Profile, precision: str, master_weights: bool = False) -> tuple[float, float, float]:
@@ -111,8 +123,9 @@ def estimate_memory(profile: Profile, facts: ModelFacts, world_size: int, gpus_p
         frozen_bytes = 0.0
     else:
         trainable = facts.lora_params
-        if workload.finetune == "qlora":
-            frozen_bytes = facts.layer_linear_params * QLORA_BYTES_PER_PARAM + (psi - facts.layer_linear_params) * compute_bytes
+        if workload.finetune in QUANTIZED_BYTES:
+            quantized = facts.layer_linear_params
+            frozen_bytes = quantized * QUANTIZED_BYTES[workload.finetune] + (psi - quantized) * compute_bytes
         else:
             frozen_bytes = psi * compute_bytes
         w_b, g_b, o_b = 4.0, 4.0, 8.0  # adapters stay fp32 with their AdamW states
@@ -140,7 +153,7 @@ def estimate_memory(profile: Profile, facts: ModelFacts, world_size: int, gpus_p
     if profile.shards_params and n > 1 or profile.offload_params:
         # FSDP prefetches the next block; ZeRO-3 keeps the live-parameter window. Count two blocks, 16-bit,
         # plus their gradients before reduce-scatter.
-        per_param = QLORA_BYTES_PER_PARAM if workload.finetune == "qlora" else compute_bytes
+        per_param = QUANTIZED_BYTES.get(workload.finetune, compute_bytes)
         gathered = 2 * facts.layer_params * per_param
         if workload.finetune == "full":
             gathered += facts.layer_params * compute_bytes

@@ -120,7 +120,8 @@ def workload_for(cfg: TrainingConfig, settings: ResolvedSettings, micro_batch: i
                  checkpointing: bool = False) -> Workload:
     """The per-step shape the memory model needs, from the typed config and the resolved settings."""
     model = cfg.model
-    finetune = "qlora" if model.quantization is not None else ("lora" if model.lora is not None else "full")
+    q = model.quantization
+    finetune = ("qlora" if q.bits == 4 else "lora-int8") if q is not None else ("lora" if model.lora is not None else "full")
     return Workload(micro_batch_size=micro_batch if micro_batch is not None else settings.micro_batch_size,
                     seq_len=cfg.max_length, precision=settings.precision, finetune=finetune,
                     gradient_checkpointing=checkpointing, fused_cross_entropy=settings.use_liger_kernel,

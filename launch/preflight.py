@@ -95,7 +95,7 @@ def checkpoint_bytes(cfg: TrainingConfig, plan: LaunchPlan, probes: Probes) -> f
 
 def check_qlora_fsdp(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     q = cfg.model.quantization
-    if q is None or plan.profile.strategy != "fsdp":
+    if q is None or q.bits != 4 or plan.profile.strategy != "fsdp":
         return None
     if q.quant_storage != q.compute_dtype:
         return Finding("qlora-fsdp", "error",
@@ -108,7 +108,7 @@ def check_qlora_fsdp(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes
 
 def check_qlora_zero3(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     q = cfg.model.quantization
-    if q is None or plan.profile.zero_stage != 3:
+    if q is None or q.bits != 4 or plan.profile.zero_stage != 3:
         return None
     if q.quant_storage != q.compute_dtype:
         return Finding("qlora-zero3", "error",
@@ -127,6 +127,31 @@ def check_qlora_zero3(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probe
                        f"QLoRA with ZeRO-3 runs DeepSpeed in {dtype} (train.precision) but the 4-bit weights "
                        f"compute in {q.compute_dtype}; ZeRO-3 needs one dtype for all partitioned parameters",
                        f"set train.precision to match model.quantization.compute_dtype ({q.compute_dtype})")
+    return None
+
+
+def check_int8_sharding(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
+    q = cfg.model.quantization
+    if q is None or q.bits != 8 or not (plan.profile.strategy == "fsdp" or plan.profile.zero_stage == 3):
+        return None
+    return Finding("int8-sharding", "error",
+                   f"8-bit (LLM.int8) weights cannot be sharded by {plan.profile.name}: FSDP flattens parameters of one "
+                   "dtype per unit ('Must flatten tensors with uniform dtype'), ZeRO-3 partitions only floating-point ones",
+                   "use --profile ddp or zero2 (the 8-bit base is replicated, 1 byte per weight), or 4-bit QLoRA "
+                   "(drop load_in_8bit; set model.quantization.quant_storage: bfloat16) to shard it")
+
+
+def check_hub(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
+    hub = getattr(cfg, "hub", None)
+    if hub is None:
+        return None
+    if probes.env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return Finding("hub", "error", f"hub.model_id {hub.model_id}: HF_HUB_OFFLINE is set, so nothing can be pushed "
+                       "after training", "unset HF_HUB_OFFLINE, or drop the hub section")
+    if not (probes.env.get("HF_TOKEN") or "").strip():
+        return Finding("hub", "error", f"hub.model_id {hub.model_id}: no HF_TOKEN in the environment; the push would "
+                       "fail after the whole run (tune-launch reads the token only from the environment)",
+                       "export HF_TOKEN with a write token for that namespace (https://huggingface.co/settings/tokens)")
     return None
 
 
@@ -212,6 +237,8 @@ def check_disk(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Prob
                        "the first save would fail",
                        "free disk space or point output_dir at a larger filesystem")
     keep = cfg.checkpoint.save_total_limit or 0
+    if keep == 1 and getattr(cfg.eval, "best_metric", None):  # the best one is kept besides the newest
+        keep = 2
     if keep and free * GIB < need * (keep + 1):
         return Finding("disk", "warning",
                        f"{free:.1f} GiB free, {keep} kept checkpoints plus the one being written need about "
@@ -238,7 +265,7 @@ def check_data_prep(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes:
 
 CHECKS: tuple[Callable[[TrainingConfig, LaunchPlan, Hardware, Probes], Finding | None], ...] = (
     check_qlora_fsdp, check_qlora_zero3, check_checkpointing, check_global_batch, check_port,
-    check_output_dir, check_disk, check_data_prep,
+    check_output_dir, check_disk, check_data_prep, check_int8_sharding, check_hub,
 )
 
 

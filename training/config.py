@@ -180,9 +180,9 @@ def check_device(cfg: TrainingConfig, device: str, source: str = "config") -> No
     """Options the chosen device cannot run; the launcher calls this before any process starts."""
     if device != "cpu":
         return
-    if cfg.model.quantization is not None:
+    if cfg.model.quantization is not None and cfg.model.quantization.bits == 4:  # bitsandbytes' int8 runs on CPU
         raise ConfigError(f"{source}: model.quantization: QLoRA (4-bit bitsandbytes) trains only on a CUDA GPU; "
-                          "drop model.quantization for a LoRA rehearsal on CPU")
+                          "drop model.quantization for a LoRA rehearsal on CPU (or use load_in_8bit: true)")
     if cfg.train.precision == "fp16":
         raise ConfigError(f"{source}: train.precision: fp16 mixed precision needs a GPU; use auto, fp32 or bf16 on CPU")
     if cfg.train.use_liger_kernel is True:

@@ -1,5 +1,5 @@
 """The model and tokenizer: from the hub/a folder, or built from a config for training from scratch;
-4-bit QLoRA through bitsandbytes and LoRA adapters through peft."""
+4-bit (QLoRA) or 8-bit (LLM.int8) base weights through bitsandbytes and LoRA adapters through peft."""
 
 from __future__ import annotations
 
@@ -41,13 +41,16 @@ def _read_config_json(path: str | None) -> dict[str, Any]:
 
 
 def quantization_config(cfg: TrainingConfig):
+    """bitsandbytes: 4-bit NF4/FP4 for QLoRA, or LLM.int8 (8-bit weights, outlier columns above the threshold in 16 bits)."""
     q = cfg.model.quantization
     if q is None:
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=q.load_in_4bit, bnb_4bit_quant_type=q.quant_type,
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.int8_threshold)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
                               bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
                               bnb_4bit_quant_storage=getattr(torch, q.quant_storage))
@@ -64,6 +67,11 @@ def build_model(cfg: TrainingConfig, tokenizer, settings: ResolvedSettings, devi
     dtype = torch_dtype(settings)
     kwargs: dict[str, Any] = model_load_kwargs(cfg, device)  # attention for packed rows
     if m.from_scratch:
+        if m.quantization is not None:  # the schema allows it: `tune-launch plan` sizes QLoRA from a config.json
+            from tune_launch.training.config import ConfigError
+
+            raise ConfigError("model.quantization: quantizes pretrained weights, and a model trained from scratch "
+                              "(model.config / model.config_path) has none; use model.name_or_path or drop model.quantization")
         config = model_config(m, len(tokenizer))
         config.pad_token_id = tokenizer.pad_token_id
         config.bos_token_id = tokenizer.bos_token_id
@@ -74,6 +82,9 @@ def build_model(cfg: TrainingConfig, tokenizer, settings: ResolvedSettings, devi
         qc = quantization_config(cfg)
         if qc is not None:
             kwargs["quantization_config"] = qc
+            if m.quantization.bits == 8:  # otherwise one warning per 8-bit matmul call unless activations are fp16
+                logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+                log.info("LLM.int8: activations are cast to float16 inside the 8-bit matmuls (bitsandbytes)")
         model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code,
                                                      **kwargs)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -94,7 +105,8 @@ def lora_config(cfg: TrainingConfig):
 
 
 def prepare_for_kbit(model, cfg: TrainingConfig, settings: ResolvedSettings):
-    """QLoRA: cast norms to fp32 and enable input grads (peft's recipe) before adapters go on."""
+    """4- or 8-bit base weights: cast norms to fp32 and enable input grads (peft's recipe, which replaced the
+    tutorials' prepare_model_for_int8_training) before adapters go on."""
     if cfg.model.quantization is None:
         return model
     from peft import prepare_model_for_kbit_training
