@@ -183,10 +183,10 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 0
     started_at = time.time()
     code = execute(plan, env)
-    if code == 0 and cfg.consolidate.enabled and plan.node_rank == 0:
-        from tune_launch.launch.consolidate import consolidate_finished_run
+    if code == 0 and plan.node_rank == 0 and (cfg.consolidate.enabled or cfg.hub is not None):
+        from tune_launch.launch.finish import finish_run
 
-        consolidate_finished_run(cfg, started_at)
+        finish_run(cfg, started_at, env)  # consolidate, then push to the hub
     return code
 
 

@@ -47,22 +47,47 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def consolidate_finished_run(cfg, started_at: float, stream: TextIO = sys.stderr) -> Path | None:
-    """consolidate.enabled: after every rank has exited cleanly, stream the run's newest checkpoint into HF
-    safetensors at output_dir/consolidated (on the launcher, so no rank waits in a barrier meanwhile).
-
-    Only a run that finished does so: rank 0 writes run_report.json at the very end, which a run stopped by a
-    signal (checkpoint, then exit for a requeue) never reaches."""
-    from tune_launch.training.checkpoint import find_resume_checkpoint
-
-    out = Path(cfg.output_dir)
-    report = out / "run_report.json"
+def finished_report(cfg, started_at: float) -> dict | None:
+    """run_report.json of a run that finished in this launch (rank 0 writes it at the very end, which a run stopped
+    by a signal, to checkpoint and exit for a requeue, never reaches); None otherwise."""
+    report = Path(cfg.output_dir) / "run_report.json"
     if not report.is_file() or report.stat().st_mtime < started_at:
         return None
-    checkpoint = find_resume_checkpoint(out, warn=False)
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_to_consolidate(cfg, report: dict) -> tuple[Path | None, str]:
+    """consolidate.checkpoint: the best checkpoint the run report names, or the newest complete one; and a phrase
+    saying which it is."""
+    from tune_launch.training.checkpoint import find_resume_checkpoint, inspect_checkpoint
+
+    best = report.get("best") or {}
+    if cfg.consolidate.checkpoint == "best":
+        folder = Path(best["checkpoint"]) if best.get("checkpoint") else None
+        if folder is not None and inspect_checkpoint(folder).complete:
+            return folder, f"the best checkpoint ({best['metric']} {best['value']:.4f} at step {best['step']})"
+        newest = find_resume_checkpoint(Path(cfg.output_dir), warn=False)
+        return newest, "the newest checkpoint (no best checkpoint was recorded: did an evaluation run?)"
+    return find_resume_checkpoint(Path(cfg.output_dir), warn=False), "the newest checkpoint"
+
+
+def consolidate_finished_run(cfg, started_at: float, stream: TextIO = sys.stderr) -> Path | None:
+    """consolidate.enabled: after every rank has exited cleanly, stream the run's best or newest checkpoint
+    (consolidate.checkpoint) into HF safetensors at output_dir/consolidated (on the launcher, so no rank waits in
+    a barrier meanwhile). Only a run that finished does so (`finished_report`)."""
+    report = finished_report(cfg, started_at)
+    if report is None:
+        return None
+    out = Path(cfg.output_dir)
+    checkpoint, which = checkpoint_to_consolidate(cfg, report)
     if checkpoint is None:
         print("[tune-launch] consolidate.enabled: no complete checkpoint to consolidate", file=stream, flush=True)
         return None
+    print(f"[tune-launch] consolidating {which}: {checkpoint}", file=stream, flush=True)
     c = cfg.consolidate
     result = consolidate_checkpoint(checkpoint, out / "consolidated", dtype=c.dtype, max_shard_size=c.max_shard_size,
                                     merge_lora=c.merge_lora, force=True, progress=None)

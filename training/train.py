@@ -29,7 +29,8 @@ def offline_env(cfg, env) -> None:
     tok = cfg.tokenizer
     tok_local = tok is not None and (tok.train_vocab_size is not None or Path(str(tok.name_or_path)).exists())
     if cfg.data.all_local and model_local and (tok_local or (tok is None and model_local)):
-        env.setdefault("HF_HUB_OFFLINE", "1")
+        if cfg.hub is None:  # hub.strategy checkpoint pushes from the ranks
+            env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
