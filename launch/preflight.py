@@ -143,7 +143,7 @@ def check_int8_sharding(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, pro
 
 def check_hub(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     hub = getattr(cfg, "hub", None)
-    if hub is None:
+    if hub is None or plan.node_rank != 0:  # node 0 pushes: its launcher at the end, its rank 0 the checkpoints
         return None
     if probes.env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return Finding("hub", "error", f"hub.model_id {hub.model_id}: HF_HUB_OFFLINE is set, so nothing can be pushed "
