@@ -14,7 +14,7 @@ from launch_helpers import MODELS, hardware, training_yaml
 from tune_launch.launch.memory import Workload, estimate_memory
 from tune_launch.launch.plan import LaunchRequest, make_plan
 from tune_launch.launch.preflight import Probes, evaluate
-from tune_launch.launch.profiles import PROFILES
+from tune_launch.profiles import PROFILES, get_profile
 from tune_launch.training.config import load_config, validate_config
 
 
@@ -37,10 +37,13 @@ def test_8bit_load_forward_and_lora_backward_on_cpu(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tune_launch.training.model import build_model, lora_config, prepare_for_kbit
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
 
     cfg = _int8_cfg(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = build_model(cfg, tok, "cpu")
+    cpu = DeviceFacts(kind="cpu")
+    settings = resolve_settings(cfg, cpu, get_profile("cpu"))
+    model = build_model(cfg, tok, settings, cpu)
     int8 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     assert int8 and sorted(int8) == sorted(linear)  # every block linear layer is 8-bit; the LM head stays as it was
@@ -54,7 +57,7 @@ def test_8bit_load_forward_and_lora_backward_on_cpu(tiny_model_dir):
 
     from peft import get_peft_model
 
-    net = get_peft_model(prepare_for_kbit(model, cfg), lora_config(cfg))
+    net = get_peft_model(prepare_for_kbit(model, cfg, settings), lora_config(cfg))
     out = net(ids, labels=ids)
     out.loss.backward()
     grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}

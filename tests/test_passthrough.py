@@ -27,15 +27,23 @@ def _cfg(**extra) -> TrainingConfig:
                                           "data": {"generate": {"kind": "alpaca"}}, **extra})
 
 
-def test_passed_fields_reach_the_arguments_and_override_the_fast_path():
+def test_passed_fields_reach_the_arguments_and_override_the_fast_path(monkeypatch):
+    import transformers.training_args as ta
     from trl import SFTConfig
 
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import arguments
 
     cfg = _cfg(trainer={"torch_empty_cache_steps": 4, "dataloader_pin_memory": False,
                         "train_sampling_strategy": "group_by_length", "label_smoothing_factor": 0.1})
-    kwargs = arguments(cfg, RankInfo(device="cuda", profile="single-gpu"), sft=True)
-    args = SFTConfig(**{**kwargs, "bf16": False, "fp16": False, "use_cpu": True})  # no GPU here to validate bf16
+    gpu = DeviceFacts(kind="cuda", name="NVIDIA H100 80GB HBM3", bf16=True, memory_gib=79.2)
+    settings = resolve_settings(cfg, gpu, get_profile("single-gpu"))
+    kwargs = arguments(cfg, RankInfo(device="cuda", profile="single-gpu"), True, settings, gpu)
+    for check in ("is_torch_bf16_gpu_available", "is_torch_tf32_available"):  # no GPU here to answer these
+        monkeypatch.setattr(ta, check, lambda: True)
+    monkeypatch.setattr(ta, "enable_tf32", lambda on: None)
+    args = SFTConfig(**kwargs)
     assert args.torch_empty_cache_steps == 4 and args.train_sampling_strategy == "group_by_length"
     assert args.dataloader_pin_memory is False  # the GPU fast path turns it on; the YAML's passthrough wins
     assert args.label_smoothing_factor == 0.1

@@ -17,8 +17,10 @@ import pytest
 from conftest import ROOT, check_ok, launch, report
 from tune_launch.training.config import load_config
 from tune_launch.training.distributed import RankInfo
+from tune_launch.training.settings import DeviceFacts
 
 SEEDS = ROOT / "examples" / "seeds"
+GPU = DeviceFacts(kind="cuda", name="NVIDIA A100-SXM4-80GB", bf16=True, memory_gib=79.2)  # one GPU as the rank sees it
 DATA = ROOT / "examples" / "data"
 
 # What each tutorial sets, as the rank's arguments must carry it.
@@ -64,17 +66,22 @@ GPT2_DIFFERS = {
 
 
 def _args(name: str, monkeypatch):
-    """The rank's arguments for a seed on one GPU (the machine's bf16 check is the only thing faked: no GPU here)."""
+    """The rank's arguments for a seed on one GPU (the GPU's bf16/TF32 checks are the only things faked: no GPU here)."""
     import transformers.training_args as ta
     from transformers import TrainingArguments
     from trl import SFTConfig
 
+    from tune_launch.profiles import get_profile
+    from tune_launch.training.settings import resolve_settings
     from tune_launch.training.trainer import arguments
 
-    monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)  # TrainingArguments asks the GPU
+    monkeypatch.setattr(ta, "is_torch_tf32_available", lambda: True)
+    monkeypatch.setattr(ta, "enable_tf32", lambda on: None)
     cfg = load_config(SEEDS / f"{name}.yaml")
     sft = cfg.task == "sft"
-    kwargs = arguments(cfg, RankInfo(device="cuda", profile="single-gpu"), sft)
+    settings = resolve_settings(cfg, GPU, get_profile("single-gpu"))
+    kwargs = arguments(cfg, RankInfo(device="cuda", profile="single-gpu"), sft, settings, GPU)
     return cfg, (SFTConfig if sft else TrainingArguments)(**kwargs)
 
 
@@ -118,7 +125,9 @@ def test_trl_qlora_seed(lang, header, monkeypatch):
 
 
 def test_datacamp_seed(monkeypatch):
+    from tune_launch.profiles import get_profile
     from tune_launch.training.model import lora_config, quantization_config, torch_dtype
+    from tune_launch.training.settings import resolve_settings
 
     cfg, args = _args("datacamp-lora-8bit", monkeypatch)
     _check(args, DATACAMP_TUTORIAL, DATACAMP_DIFFERS)
@@ -127,7 +136,8 @@ def test_datacamp_seed(monkeypatch):
     lora = lora_config(cfg)  # LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM")
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.task_type) == (16, 32, 0.05, "CAUSAL_LM")
     assert lora.target_modules == "all-linear"  # differs: the tutorial leaves peft's per-model default modules
-    assert str(torch_dtype(cfg, "cuda")) == "torch.bfloat16"  # from_pretrained(..., torch_dtype=torch.bfloat16)
+    settings = resolve_settings(cfg, GPU, get_profile("single-gpu"))
+    assert str(torch_dtype(settings)) == "torch.bfloat16"  # from_pretrained(..., torch_dtype=torch.bfloat16)
     assert cfg.model.name_or_path == "Salesforce/xgen-7b-8k-base" and cfg.model.trust_remote_code
     src = cfg.data.train[0]
     assert (src.name, src.split, src.format, src.text_field) == ("tatsu-lab/alpaca", "train", "text", "text")
