@@ -1,7 +1,7 @@
 """The memory plan against the measured peak, one GPU: full fine-tune with and without gradient
-checkpointing, LoRA and QLoRA, at two sequence lengths.
+checkpointing, LoRA, QLoRA and 8-bit LoRA (LLM.int8), at two sequence lengths.
 
-    python -m bench.memory                                  # 8 cases on the GPU, JSON in bench/results/
+    python -m bench.memory                                  # 10 cases on the GPU, JSON in bench/results/
     python -m bench.memory --device cpu --tiny --cases full lora --steps 1   # smoke run (no measurement)
 
 Each case runs in its own subprocess through the training path (training.model.build_model from a saved
@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import common as C  # run as `python -m bench.memory` from the repository root
 
-CASES = ("full", "full_gc", "lora", "qlora")
+CASES = ("full", "full_gc", "lora", "qlora", "lora-int8")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 TOLERANCE = 0.10
 
@@ -32,10 +32,12 @@ TOLERANCE = 0.10
 def case_config(case: str, model_dir: str, seq_len: int, micro_batch: int, steps: int, out: str) -> dict[str, Any]:
     """The training YAML (as a mapping) of one case. Pure."""
     model: dict[str, Any] = {"name_or_path": model_dir}
-    if case in ("lora", "qlora"):
+    if case in ("lora", "qlora", "lora-int8"):
         model["lora"] = dict(LORA)
     if case == "qlora":
         model["quantization"] = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    if case == "lora-int8":
+        model["quantization"] = {"load_in_8bit": True}
     return {
         "model": model, "data": {"train": {"path": "synthetic.jsonl"}}, "max_length": seq_len, "packing": True,
         "optim": {"learning_rate": 1e-4, "scheduler": "constant"},
