@@ -100,6 +100,7 @@ def test_empty_passthrough_is_not_checked_and_task_picks_the_dataclass():
         check_trainer_fields({"padding_free": True}, "pretrain")
 
 
+@pytest.mark.slow  # two interpreters, one importing transformers: ~13 s
 def test_cached_table_loads_a_yaml_without_importing_transformers(tmp_path):
     """The launcher reads the YAML first: with the table cached, `trainer:` costs no transformers import."""
     cache = tmp_path / "cache"
