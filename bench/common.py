@@ -86,7 +86,7 @@ def device_name(device: str) -> str:
 
 
 def peak_flops(name: str) -> float | None:
-    from tune_launch.launch.hardware import peak_bf16_flops
+    from tune_launch.gpus import peak_bf16_flops
 
     return peak_bf16_flops(name)
 

@@ -17,35 +17,8 @@ from typing import Any, Mapping
 
 from tune_launch.errors import TuneLaunchError
 from tune_launch.launch.slurm import SlurmJob
+from tune_launch.gpus import PEAK_BF16_FLOPS, peak_bf16_flops  # noqa: F401  (the table lives in a leaf module: the ranks use it too)
 from tune_launch.units import GIB
-
-
-# Dense bf16 peak FLOP/s per device (no sparsity). Unknown devices fall back to None: MFU is then not reported.
-PEAK_BF16_FLOPS: dict[str, float] = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
-    "T4": 65e12,
-}
-
-
-def peak_bf16_flops(gpu_name: str | None) -> float | None:
-    """Peak dense bf16 FLOP/s for a device name, by the longest matching table key; None if unknown."""
-    if not gpu_name:
-        return None
-    hits = [k for k in PEAK_BF16_FLOPS if k.lower() in gpu_name.lower()]
-    return PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
 
 
 @dataclass(frozen=True)
@@ -164,7 +137,19 @@ def _cpu_ram_gib() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
-def _probe_gpus() -> list[dict[str, Any]]:
+def _no_gpu_device(env: Mapping[str, str]) -> bool:
+    """True when no GPU can be there: hidden by CUDA_VISIBLE_DEVICES, or no NVIDIA/ROCm driver node and no
+    nvidia-smi. Spares the ~1 s torch import on CPU machines; anything else is left to torch to decide."""
+    if env.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return True
+    dev = Path("/dev")
+    driver = Path("/proc/driver/nvidia").exists() or (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*"))
+    return not driver and shutil.which("nvidia-smi", path=env.get("PATH")) is None
+
+
+def _probe_gpus(env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    if _no_gpu_device(os.environ if env is None else env):
+        return []
     try:
         import torch
     except ImportError:
@@ -205,7 +190,7 @@ def _probe_peer_access(n: int) -> tuple[bool | None, bool | None]:
 def detect_hardware(output_dir: str | os.PathLike[str] = ".", env: Mapping[str, str] | None = None) -> Hardware:
     """Probe this node: GPUs, CPU, RAM, free disk where output goes, SLURM allocation, versions."""
     env = os.environ if env is None else env
-    gpus = _probe_gpus()
+    gpus = _probe_gpus(env)
     peer, nvlink = _probe_peer_access(len(gpus))
     slurm = SlurmJob.from_environ(env)
     target = Path(output_dir).resolve()

@@ -1,12 +1,19 @@
-"""Exact parameter counts from a model config, built on the meta device (no weights are read or downloaded)."""
+"""Exact parameter counts from a model config, built on the meta device (no weights are read or downloaded).
+
+Both answers transformers gives here (the config builds; the facts) are cached on disk by the config's content
+(launch/facts_cache.py), so a config planned or checked before costs neither the torch/transformers imports nor
+the build again.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tune_launch.errors import TuneLaunchError
+from tune_launch.launch import facts_cache
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,47 @@ def _lora_targets(model: Any, target_modules: Any) -> list[tuple[int, int]]:
     return shapes
 
 
-def model_facts(model_cfg: Any) -> ModelFacts:
-    """Build the model on the meta device and count exactly. `model_cfg` is a training `ModelConfig`."""
+def checked_model_config(model_cfg: Any) -> dict[str, Any]:
+    """The model's transformers config as a dict, checked by transformers (a bad value is one TuneLaunchError line).
+
+    Served from the cache when the same content was checked before (no transformers import then); for a launch
+    that needs no memory plan this is all the launcher asks of transformers."""
+    key = facts_cache.config_key(model_cfg)
+    hit = facts_cache.read("configs", key)
+    if hit is not None and isinstance(hit.get("config"), dict):
+        return hit["config"]
+    hf = load_hf_config(model_cfg)
+    data = _config_dict(hf)
+    facts_cache.write("configs", key, {"config": data})
+    return data
+
+
+def _config_dict(hf: Any) -> dict[str, Any]:
+    return json.loads(hf.to_json_string(use_diff=False))
+
+
+def model_facts(model_cfg: Any, use_cache: bool = True) -> ModelFacts:
+    """Exact counts for a training `ModelConfig`: from the cache, else built on the meta device (and cached)."""
+    key = facts_cache.facts_key(model_cfg) if use_cache else None
+    hit = facts_cache.read("facts", key)
+    if hit is not None:
+        try:
+            return ModelFacts(**hit["facts"])
+        except (KeyError, TypeError):  # an entry from another version of ModelFacts: rebuild it
+            pass
+    hf = load_hf_config(model_cfg)
+    facts = _count(model_cfg, hf)
+    if use_cache:
+        facts_cache.write("configs", facts_cache.config_key(model_cfg), {"config": _config_dict(hf)})
+        facts_cache.write("facts", key, {"facts": asdict(facts)})
+    return facts
+
+
+def _count(model_cfg: Any, hf: Any) -> ModelFacts:
+    """Build the model on the meta device and count exactly."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = load_hf_config(model_cfg)
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(hf, trust_remote_code=model_cfg.trust_remote_code)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,7 @@ class AtomicCheckpointMixin:
     _staging_root: str | None = None
     _rotation_limit: int | None = None  # save_total_limit while train() runs (transformers' own rotation is off)
     tune_launch_fingerprint: dict | None = None  # set by training.run: recorded in every checkpoint's marker
+    tune_launch_files: dict[str, str] = {}  # name -> text written into every checkpoint (tracker ids: training/trackers.py)
 
     def train(self, *args, **kwargs):  # type: ignore[override]
         """Rotation is ours (`_rotate`, after each seal): with a best checkpoint and save_total_limit 1, transformers'
@@ -191,6 +193,7 @@ class AtomicCheckpointMixin:
 
         args = self.args  # type: ignore[attr-defined]
         step = self.state.global_step  # type: ignore[attr-defined]
+        started = time.perf_counter()
         run_dir = Path(args.output_dir)
         staging_root = run_dir / STAGING
         staging = staging_root / f"{PREFIX_CHECKPOINT_DIR}-{step}"
@@ -213,10 +216,24 @@ class AtomicCheckpointMixin:
         point_at_sealed(self, run_dir, staging if args.should_save else None)  # the best is recorded by its sealed path
         if args.should_save:
             _save_model_files(self, staging)
+            for name, text in self.tune_launch_files.items():
+                (staging / name).write_text(text)
             seal(staging, final, step, self.tune_launch_fingerprint)
             _rotate(run_dir, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
-            log.info("checkpoint %s written (atomic, marker %s)", final, MARKER)
+            from tune_launch.training.progress import checkpoint_line
+
+            # one line, on the console and in the node log: name, bytes sealed, seconds from the first byte to the rename
+            log.info("%s", checkpoint_line(final.name, sealed_bytes(final), time.perf_counter() - started),
+                     extra={"tl_progress": "event"})
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+
+
+def sealed_bytes(folder: Path) -> int:
+    """Bytes of a sealed checkpoint, from its manifest (no second walk over the files)."""
+    try:
+        return sum(json.loads((folder / MARKER).read_text())["files"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def _save_model_files(trainer, folder: Path) -> None:

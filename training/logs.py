@@ -4,14 +4,20 @@ A process is "main" for logging when it is rank 0, or local rank 0 of its node w
 true (transformers' `should_log`). Main processes log at `log_level`, the others at `log_level_replica`;
 'passive' keeps each library's default: WARNING for the libraries, and for tune-launch's own lines
 (progress, metrics, summary) INFO on logging-main processes and WARNING on replicas. Every line carries "[nodeN rankR]"; each node appends to
-output_dir/logs/node<N>.log. Python warnings are printed by logging-main processes only, since every
-rank would print the same ones.
+output_dir/logs/node<N>.log. Python warnings are recorded by logging-main processes only, since every
+rank would print the same ones, and each distinct warning once per process. Deprecation and future warnings
+of the libraries (Python's, and library log lines announcing one) go to the log file only, never the console.
+The libraries' own progress bars (shard writing, dataset maps) are off: tune-launch's step lines, or on a
+terminal its one bar (training/console.py), say how far the run is.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,8 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 LIBRARY_LOGGERS = ("transformers", "accelerate", "datasets", "trl", "peft", "DeepSpeed", "torch.distributed", "py.warnings")
 LOGGER_NAME = "tune_launch"
 FORMAT = "%(asctime)s [{tag}] %(levelname)s %(name)s: %(message)s"
+DEPRECATION = re.compile(r"deprecat|will be removed|no longer supported", re.I)
+PROGRESS_SETTINGS = ("auto", "bar", "lines")
 
 
 @dataclass(frozen=True)
@@ -33,15 +41,18 @@ class LogPlan:
     is_log_main: bool
     tag: str
     file: Path | None
+    bar: bool = False  # rank 0's console is one progress bar (a terminal on stdout), not scrolling step lines
 
 
 def plan_logging(info: RankInfo, log_level: str, log_level_replica: str, log_on_each_node: bool,
-                 output_dir: str | None) -> LogPlan:
+                 output_dir: str | None, progress: str = "lines", stdout_is_terminal: bool = False) -> LogPlan:
+    """`progress`: auto (a bar when stdout is a terminal), bar or lines; only rank 0 ever draws a bar."""
     is_log_main = info.is_local_main if log_on_each_node else info.is_main
     name = log_level if is_log_main else log_level_replica
     own = (logging.INFO if is_log_main else logging.WARNING) if name == "passive" else LEVELS[name]
     file = Path(output_dir) / "logs" / f"node{info.node_rank}.log" if output_dir else None
-    return LogPlan(level=LEVELS[name], own_level=own, is_log_main=is_log_main, tag=info.tag, file=file)
+    bar = info.is_main and (progress == "bar" or (progress == "auto" and stdout_is_terminal))
+    return LogPlan(level=LEVELS[name], own_level=own, is_log_main=is_log_main, tag=info.tag, file=file, bar=bar)
 
 
 class _DropReplicaWarnings(logging.Filter):
@@ -68,10 +79,67 @@ class _RedactSecrets(logging.Filter):
         return True
 
 
+class _OncePerMessage(logging.Filter):
+    """Each distinct Python warning once per process (libraries that set 'always' repeat them every step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = getattr(record, "tl_warning_key", None) or record.getMessage()
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def is_deprecation(record: logging.LogRecord) -> bool:
+    """A library's deprecation or future warning: Python's, or a library log line that announces one."""
+    if getattr(record, "tl_deprecation", False):
+        return True
+    return (record.levelno == logging.WARNING and not record.name.startswith(LOGGER_NAME)
+            and record.name != "py.warnings" and bool(DEPRECATION.search(record.getMessage())))
+
+
+class _NotOnConsole(logging.Filter):
+    """Deprecations are for the log file: the user can do nothing about a library's FutureWarning mid-run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_deprecation(record)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning, routed to the 'py.warnings' logger with its category kept for the filters."""
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    deprecation = issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+    logging.getLogger("py.warnings").warning(
+        "%s", text, extra={"tl_deprecation": deprecation, "tl_warning_key": f"{category.__name__}: {message}"})
+
+
+def _quiet_library_progress_bars() -> None:
+    """Shard-writing and dataset-map bars would scroll through pipes as lines; a user's explicit setting wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def _console_handlers(plan: LogPlan, fmt: logging.Formatter) -> list[logging.Handler]:
+    if not plan.bar:
+        return [logging.StreamHandler(sys.stderr)]
+    from tune_launch.training import console
+
+    below_warning = console.install(sys.stdout)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.WARNING)
+    return [below_warning, errors]
+
+
 def setup_logging(plan: LogPlan) -> logging.Logger:
     """Install the tagged handlers on our logger and the libraries' loggers (idempotent)."""
     fmt = logging.Formatter(FORMAT.format(tag=plan.tag), datefmt="%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers = _console_handlers(plan, fmt)
+    for h in handlers:
+        h.addFilter(_NotOnConsole())
     if plan.file is not None:
         plan.file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(plan.file, mode="a", encoding="utf-8"))
@@ -80,7 +148,11 @@ def setup_logging(plan: LogPlan) -> logging.Logger:
         h.setFormatter(fmt)
         h.addFilter(_DropReplicaWarnings(keep_warnings))
         h.addFilter(_RedactSecrets())
-    logging.captureWarnings(True)
+    _quiet_library_progress_bars()
+    warnings.showwarning = _show_warning
+    py_warnings = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _OncePerMessage) for f in py_warnings.filters):
+        py_warnings.addFilter(_OncePerMessage())
     _install_transformers(handlers, plan.level)
     for name in LIBRARY_LOGGERS:
         _attach(logging.getLogger(name), handlers, plan.level)
@@ -115,12 +187,16 @@ def _install_transformers(handlers: list[logging.Handler], level: int) -> None:
     except ImportError:  # pragma: no cover
         return
     hf_logging.set_verbosity(level)
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()  # our handlers sit on the "transformers" logger itself; no root echo
     _attach(logging.getLogger("transformers"), handlers, level)
 
 
 def close_logging(logger: logging.Logger) -> None:
+    from tune_launch.training import console
+
+    console.uninstall()
     for h in list(logger.handlers):
         h.flush()
         if isinstance(h, logging.FileHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ log = logging.getLogger("tune_launch")
 def run(cfg: TrainingConfig, info: RankInfo) -> int:
     out = Path(cfg.output_dir)
     lg = cfg.logging
-    logger = setup_logging(plan_logging(info, lg.log_level, lg.log_level_replica, lg.log_on_each_node, str(out)))
+    logger = setup_logging(plan_logging(info, lg.log_level, lg.log_level_replica, lg.log_on_each_node, str(out),
+                                        lg.progress, sys.stdout.isatty()))
     t_start = time.perf_counter()
     finished = False
     try:
@@ -84,7 +86,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
         train_ds = D.pretrain_dataset(train_parts, tokenizer, cfg)
         eval_ds = D.pretrain_dataset(eval_parts, tokenizer, cfg) if eval_parts else None
     model = build_model(cfg, tokenizer, settings, device)
-    metrics = MetricsCallback()
+    metrics = MetricsCallback(out, info.device, info.world_size)
     what_ran = WhatRanCallback()
     trainer = build_trainer(cfg, info, args, model, tokenizer, train_ds, eval_ds, metrics, settings, device)
     trainer.add_callback(what_ran)
@@ -97,6 +99,9 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     if resume:
         check_resume_compatible(resume, fingerprint)
     log.info("resuming from %s", resume) if resume else log.info("starting from step 0 (no complete checkpoint to resume)")
+    from tune_launch.training.trackers import install_trackers, resolve_identity
+
+    install_trackers(trainer, resolve_identity(resume), out, _step_of(resume), os.environ)  # same W&B run / TB folder
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
         trainer.evaluate()
@@ -106,8 +111,27 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
     if info.is_main:
         (out / "run_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+        report["picture"] = _draw_picture(out)
         print(summary(report), flush=True)
     return 0
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def _draw_picture(out: Path) -> str | None:
+    """output_dir/report.png from metrics.jsonl; a failure to draw is a warning, never a failed run."""
+    try:
+        from tune_launch.training.metrics_file import read_run
+        from tune_launch.training.report_png import draw_report
+
+        path = out / "report.png"
+        draw_report([read_run(out)], path)
+        return str(path.resolve())
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded
+        log.warning("report.png not drawn: %s: %s (`tune-launch report %s` retries)", type(e).__name__, e, out)
+        return None
 
 
 def _checkpoint_last_step(trainer, out: Path) -> None:
@@ -198,4 +222,5 @@ def summary(r: dict[str, Any]) -> str:
         f"  checkpoint: {r['checkpoint'] or 'none'}",
         *best_summary(r),
         f"  final model: {r['final_model'] or 'not saved'}",
+        *([f"  report: {r['picture']} (every metric: {Path(r['output_dir']) / 'metrics.jsonl'})"] if r.get("picture") else []),
     ])

@@ -215,7 +215,7 @@ class TrainConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    """Same meaning as transformers' TrainingArguments fields of these names."""
+    """Same meaning as transformers' TrainingArguments fields of these names (`progress` is tune-launch's own)."""
 
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = "passive"
     log_level_replica: Literal["debug", "info", "warning", "error", "critical", "passive"] = "warning"
@@ -223,6 +223,7 @@ class LoggingConfig(_Section):
     logging_steps: int = Field(10, gt=0)
     report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["none"])
     run_name: str | None = None
+    progress: Literal["auto", "bar", "lines"] = "auto"  # rank 0's console: a bar on a terminal (auto), or step lines
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tune_launch.training.best import best_model_arguments
 from tune_launch.training.checkpoint import AtomicCheckpointMixin
+from tune_launch.training.progress import MetricsCallback  # step lines, metrics.jsonl, the losses for the report
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.settings import DeviceFacts, ResolvedSettings
 from tune_launch.training.distributed import RankInfo
@@ -44,7 +43,7 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
         dataloader_num_workers=t.dataloader_num_workers, ddp_timeout=t.ddp_timeout,
         log_level=lg.log_level, log_level_replica=lg.log_level_replica, log_on_each_node=lg.log_on_each_node,
         logging_steps=lg.logging_steps, logging_first_step=True, report_to=[r for r in lg.report_to if r != "none"] or "none",
-        run_name=lg.run_name, disable_tqdm=not sys.stderr.isatty(),
+        run_name=lg.run_name, disable_tqdm=True,  # our own step lines / bar (training/progress.py)
         eval_strategy=ev.eval_strategy if has_eval else "no",
         eval_steps=ev.eval_steps or ck.save_steps, eval_on_start=ev.eval_at_start and has_eval,
         save_strategy=ck.save_strategy, save_steps=ck.save_steps, save_total_limit=ck.save_total_limit,
@@ -65,32 +64,6 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
     return kwargs
 
 
-class MetricsCallback(TrainerCallback):
-    """Keeps losses for the run report and writes metrics as tagged log lines on the main process only."""
-
-    def __init__(self) -> None:
-        self.train_losses: list[tuple[int, float]] = []
-        self.eval_losses: list[tuple[int, float]] = []
-        self.train_seconds = 0.0
-        self._t0 = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.train_seconds = time.perf_counter() - self._t0
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" in logs:
-            self.train_losses.append((state.global_step, float(logs["loss"])))
-        if "eval_loss" in logs:
-            self.eval_losses.append((state.global_step, float(logs["eval_loss"])))
-        if state.is_world_process_zero:
-            shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}
-            log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
-
-
 class WhatRanCallback(TrainerCallback):
     """Records, after the first optimizer step (parameters resharded), how many parameters this rank holds."""
 
@@ -105,13 +78,6 @@ class WhatRanCallback(TrainerCallback):
         local, full = count_parameters(model)
         self.facts = {"local_params": local, "total_params": full, "trainable_params": trainable_parameters(model),
                       "param_types": sorted({type(p).__name__ for p in model.parameters()})}
-
-
-class QuietProgressCallback(ProgressCallback):
-    """The progress bar without its own print of the metrics (MetricsCallback logs them, tagged)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        return
 
 
 class PretrainTrainer(AtomicCheckpointMixin, Trainer):
@@ -148,9 +114,8 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
         trainer = PretrainTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                   processing_class=tokenizer, data_collator=wrap_collator(collator_for(cfg, tokenizer), cfg, device),
                                   callbacks=callbacks)
-    trainer.pop_callback(PrinterCallback)  # MetricsCallback prints metrics, tagged, on the main process
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(QuietProgressCallback())
+    trainer.pop_callback(PrinterCallback)  # MetricsCallback prints the step lines (or the terminal's bar) on the main process
+    trainer.pop_callback(ProgressCallback)
     # tune-launch reliability (training/signals.py, training/faults.py): SIGTERM/SIGUSR1 -> checkpoint + clean exit;
     # an exception in train() ends the rank at once, named; TUNE_LAUNCH_FAULT arms a test-only fault (inert when unset).
     from tune_launch.training.faults import install_faults
