@@ -6,6 +6,7 @@
     tune-launch profiles                                                              shipped profiles
     tune-launch submit train.yaml --nodes N ...                                       SLURM via submitit
     tune-launch consolidate CHECKPOINT OUT ...                                        shards -> safetensors
+    tune-launch report RUN_DIR [RUN_DIR ...]                                          report.png of runs
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ if TYPE_CHECKING:  # the subcommands import what they need when they run: `tune-
     from tune_launch.launch.plan import LaunchPlan, LaunchRequest
     from tune_launch.training.schema import TrainingConfig
 
-SUBCOMMANDS = ("detect", "profiles", "plan", "submit", "consolidate", "run")
-EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate"}
+EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate",
+            "report": "tune_launch.launch.runs_report"}
+SUBCOMMANDS = ("detect", "profiles", "plan", *EXTERNAL, "run")
 
 
 def add_launch_arguments(p: argparse.ArgumentParser, *, planning: bool = False) -> None:
@@ -106,7 +108,7 @@ def _request(args: argparse.Namespace, planning: bool) -> LaunchRequest:
     )
 
 
-def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool) -> Planned:
+def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool, placeholder_rendezvous: bool = False) -> Planned:
     from tune_launch.launch.plan import make_plan
     from tune_launch.profiles import get_profile
     from tune_launch.training.config import check_device, load_config
@@ -114,6 +116,8 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool)
     if args.profile != "auto":
         get_profile(args.profile)  # unknown names fail before anything slow
     request = _request(args, planning)
+    if placeholder_rendezvous:  # --dry-run: plan a multi-node launch without node 0's address (reported as a finding)
+        request = replace(request, planning=True)
     cfg = load_config(request.config_path, list(request.overrides))
     hw = _hardware(args, env, cfg.output_dir)
     if planning and not hw.has_gpu:
@@ -169,18 +173,36 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def cmd_dry_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """The commands and environment for every node, always; preflight findings beside them; errors exit 2."""
+    from tune_launch.launch.dry_run import dry_run_report, rendezvous_findings
+    from tune_launch.launch.preflight import PreflightError, raise_on_errors, run_preflight
+    from tune_launch.launch.run import with_port
+
+    p = _make_plan(args, env, planning=False, placeholder_rendezvous=True)
+    plan = with_port(p.plan) if p.plan.nodes == 1 or p.plan.main_process_port is not None else p.plan
+    findings = rendezvous_findings(plan, args.main_process_ip, args.main_process_port, p.hw.slurm is not None)
+    findings = sorted(findings + run_preflight(p.cfg, plan, p.hw, env, p.facts), key=lambda f: f.severity != "error")
+    print(dry_run_report(plan, env, findings))
+    try:
+        raise_on_errors(findings)
+    except PreflightError as e:
+        print(f"tune-launch: error: {e} (the commands are printed above)", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from tune_launch.launch.preflight import raise_on_errors, run_preflight
-    from tune_launch.launch.run import execute, format_dry_run, with_port
+    from tune_launch.launch.run import execute, with_port
 
+    if args.dry_run:
+        return cmd_dry_run(args, env)
     p = _make_plan(args, env, planning=False)
     plan, cfg = with_port(p.plan), p.cfg
     warnings = raise_on_errors(run_preflight(cfg, plan, p.hw, env, p.facts))
     for finding in warnings:
         print(f"tune-launch: warning: {finding.line()}", file=sys.stderr)
-    if args.dry_run:
-        print(format_dry_run(plan, env))
-        return 0
     started_at = time.time()
     code = execute(plan, env)
     if code == 0 and plan.node_rank == 0 and (cfg.consolidate.enabled or cfg.hub is not None):

@@ -106,3 +106,12 @@ def read_run(folder: Path, name: str | None = None) -> RunMetrics:
     """The metrics of a run folder (raises OSError when it has no metrics.jsonl)."""
     text = (Path(folder) / FILE_NAME).read_text(encoding="utf-8", errors="replace")
     return parse_events(text.splitlines(), name or Path(folder).name)
+
+
+def from_run_report(folder: Path, name: str | None = None) -> RunMetrics:
+    """Losses by step from run_report.json, for run folders written before metrics.jsonl existed."""
+    data = json.loads((Path(folder) / "run_report.json").read_text())
+    run = RunMetrics(name or Path(folder).name)
+    run.train = [{"step": int(s), "loss": float(v)} for s, v in data.get("train_losses") or []]
+    run.eval = [{"step": int(s), "eval_loss": float(v)} for s, v in data.get("eval_losses") or []]
+    return run

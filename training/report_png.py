@@ -104,3 +104,29 @@ def _title(runs: list[RunMetrics]) -> str:
             text += f", eval loss {ev[-1]:.3f}"
         parts.append(text)
     return "   |   ".join(parts)
+
+
+def run_labels(folders: list[Path]) -> list[str]:
+    """Folder names, with as many parent folders as it takes to tell them apart."""
+    parts = [Path(f).resolve().parts for f in folders]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(f) for f in folders]
+
+
+def load_runs(folders: list[Path]) -> list[RunMetrics]:
+    """Each folder's metrics.jsonl (or, for older runs, run_report.json's losses); OSError/ValueError name the folder."""
+    from tune_launch.training.metrics_file import FILE_NAME, from_run_report, read_run
+
+    runs = []
+    for folder, label in zip(folders, run_labels(folders)):
+        folder = Path(folder)
+        if (folder / FILE_NAME).is_file():
+            runs.append(read_run(folder, label))
+        elif (folder / "run_report.json").is_file():
+            runs.append(from_run_report(folder, label))
+        else:
+            raise FileNotFoundError(f"{folder}: no {FILE_NAME} or run_report.json (not a run's output_dir?)")
+    return runs
