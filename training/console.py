@@ -29,7 +29,7 @@ class TerminalBar:
 
         self.close()
         self._tqdm = tqdm(total=total or None, initial=step, file=self.stream, dynamic_ncols=True, mininterval=0.2,
-                          leave=True, bar_format="step {n_fmt}/{total_fmt} |{bar}| {postfix}")
+                          leave=True, bar_format="step {n_fmt}/{total_fmt} |{bar:24}| {desc}")
 
     def advance(self, step: int, total: int) -> None:
         t = self._tqdm
@@ -44,7 +44,7 @@ class TerminalBar:
         if self._tqdm is None:
             self.write(line)
             return
-        self._tqdm.set_postfix_str(_HEAD.sub("", line), refresh=True)
+        self._tqdm.set_description_str(_HEAD.sub("", line), refresh=True)
 
     def write(self, text: str) -> None:
         if self._tqdm is not None:

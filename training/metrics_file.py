@@ -5,7 +5,8 @@ Trainer's metrics unrounded (`loss`, `learning_rate`, `grad_norm`, `num_input_to
 plus what tune-launch derives: `tokens_per_second` over the logging interval, `eta_seconds`, and on a GPU `mfu`
 and `memory` (per rank: reserved, allocated and total bytes). A `start` event opens every (re)start; its step
 is where that part resumed. The file is never rewritten: a run killed at step 73 and resumed from checkpoint-50
-logs steps 51-73 twice, and `read_run` keeps the later ones. A line cut short by a kill is skipped.
+logs steps 51-73 twice, and `read_run` keeps the later ones (also for an event logged twice at one step). A line
+cut short by a kill is skipped.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def parse_events(lines: list[str], name: str = "run") -> RunMetrics:
             run.starts.append(r)
             run.end = None
         elif kind in ("train", "eval"):
-            getattr(run, kind).append(r)
+            events = getattr(run, kind)
+            if events and events[-1]["step"] == r["step"]:
+                events[-1] = r  # the same step again (an eval_on_start after a resume): the later one counts
+            else:
+                events.append(r)
         elif kind == "end":
             run.end = r
     return run
