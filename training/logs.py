@@ -123,7 +123,8 @@ def _quiet_library_progress_bars() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
-def _console_handlers(plan: LogPlan, fmt: logging.Formatter) -> list[logging.Handler]:
+def _console_handlers(plan: LogPlan) -> list[logging.Handler]:
+    """stderr; or, for rank 0 on a terminal, the bar on stdout for INFO and below and stderr for warnings and errors."""
     if not plan.bar:
         return [logging.StreamHandler(sys.stderr)]
     from tune_launch.training import console
@@ -137,7 +138,7 @@ def _console_handlers(plan: LogPlan, fmt: logging.Formatter) -> list[logging.Han
 def setup_logging(plan: LogPlan) -> logging.Logger:
     """Install the tagged handlers on our logger and the libraries' loggers (idempotent)."""
     fmt = logging.Formatter(FORMAT.format(tag=plan.tag), datefmt="%H:%M:%S")
-    handlers = _console_handlers(plan, fmt)
+    handlers = _console_handlers(plan)
     for h in handlers:
         h.addFilter(_NotOnConsole())
     if plan.file is not None:
