@@ -211,3 +211,13 @@ def test_report_command_one_line_errors_and_default_output(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'run' / 'report.png'}" in out and "run: 20 steps, train loss" in out
     assert read_run(tmp_path / "run").series("train", "loss")[0][-1] == 20
+
+
+def test_mfu_from_parameters_and_the_peak_table():
+    from tune_launch.gpus import model_flops_utilization, peak_bf16_flops
+
+    peak = peak_bf16_flops("NVIDIA H100 80GB HBM3")
+    assert peak == 989e12 and peak_bf16_flops("NVIDIA H100 PCIe") == 756e12 and peak_bf16_flops("Mystery GPU") is None
+    # 1.1B parameters at 400k tokens/s on 8 H100s: 6 * 1.1e9 * 4e5 / (8 * 989e12)
+    assert model_flops_utilization(1_100_000_000, 400_000, 8, peak) == pytest.approx(0.3337, abs=1e-4)
+    assert model_flops_utilization(1_100_000_000, 400_000, 8, None) is None
