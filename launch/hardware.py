@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from tune_launch.errors import TuneLaunchError
 from tune_launch.launch.slurm import SlurmJob
-from tune_launch.gpus import PEAK_BF16_FLOPS, peak_bf16_flops  # noqa: F401  (the table lives in a leaf module: the ranks use it too)
+from tune_launch.gpus import peak_bf16_flops  # the table lives in a leaf module: the ranks use it too (MFU)
 from tune_launch.units import GIB
 
 

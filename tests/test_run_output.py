@@ -153,7 +153,7 @@ def test_wandb_offline_and_tensorboard_keep_their_identity_across_a_kill_and_res
     args = [f"output_dir={out}", "train.max_steps=12", "logging.logging_steps=2", "eval.eval_steps=4",
             "checkpoint.save_steps=4", "logging.report_to=[wandb,tensorboard]"]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    killed = launch(EXAMPLE, *args, env={**env, "TUNE_LAUNCH_TEST_KILL_AT_STEP": "6"})
+    killed = launch(EXAMPLE, *args, env={**env, "TUNE_LAUNCH_FAULT": "rank=0,at=step,step=6,how=kill"})
     assert killed.returncode != 0 and (out / "checkpoint-4").is_dir() and not (out / "checkpoint-8").exists()
     check_ok(launch(EXAMPLE, *args, env=env))
     assert report(out)["resumed_at_step"] == 4
