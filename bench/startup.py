@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=C.RESULTS / "startup.json")
     args = p.parse_args(argv)
     env = base_env()
-    result: dict[str, Any] = {**C.header("cpu"), "targets": TARGETS}
+    result: dict[str, Any] = {**C.header("cpu"), "targets": TARGETS, "loadavg_before": list(os.getloadavg())}
     with tempfile.TemporaryDirectory(prefix="tl-startup-") as tmp:
         work = Path(tmp)
         if not args.skip_launch:
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_plan:
             print("tune-launch plan examples/pretrain-1b.yaml --hardware h100x8.json:", flush=True)
             result["plan"] = bench_plan(args.repeats, env, work)
+    result["loadavg_after"] = list(os.getloadavg())  # this machine is shared: how busy it was while measuring
     checks = {}
     if "launch" in result:
         checks["launch_ratio_ok"] = result["launch"]["ratio_first_step"] <= TARGETS["launch_ratio_max"]

@@ -60,7 +60,7 @@ def test_two_ranks_default_levels_replica_prints_no_info_and_every_line_is_tagge
     assert any(TAG.match(line).group(2) == "0" and " INFO " in line for line in tagged)
     assert not [line for line in tagged if TAG.match(line).groups()[1:] == ("1", "INFO")]
     assert proc.stdout.count("done: 2 steps") == 1  # the summary once, from rank 0
-    metric_lines = [line for line in tagged if "step 2/2  loss " in line]
+    metric_lines = [line for line in tagged if "tune_launch: step 2/2  loss " in line]
     assert len(metric_lines) == 1 and "rank0" in metric_lines[0]
     log_file = tmp_path / "out" / "logs" / "node0.log"
     lines = log_file.read_text().splitlines()
