@@ -83,6 +83,7 @@ def test_profiles_training_and_consolidation_from_the_wheel(installed, tmp_path)
     shutil.copy(ROOT / "examples" / "pretrain-tiny.yaml", example)
     _run([tune_launch, example, "train.max_steps=1", "output_dir=one-step", "eval.eval_at_start=false"], env, work)
     assert json.loads((work / "one-step" / "run_report.json").read_text())["steps"] == 1
+    assert (work / "one-step" / "report.png").stat().st_size > 10_000  # matplotlib came with the wheel's dependencies
 
     # A real 2-process FSDP checkpoint, consolidated in-run (consolidate.enabled) and by the CLI.
     cfg = yaml.safe_load(example.read_text())
