@@ -41,7 +41,7 @@ def _transformers_version() -> str:
         return "none"
 
 
-def _config_file(model: Any) -> Path | None:
+def config_file(model: Any) -> Path | None:
     """The config.json a model config is read from, without importing transformers (None: not known locally)."""
     target = model.config_path or model.name_or_path
     path = Path(str(target)).expanduser()
@@ -67,7 +67,7 @@ def config_key(model: Any) -> str | None:
     if model.config is not None:
         content = json.dumps(model.config, sort_keys=True, default=str).encode()
     else:
-        path = _config_file(model)
+        path = config_file(model)
         if path is None:
             return None
         try:

@@ -2,7 +2,8 @@
 
 Both answers transformers gives here (the config builds; the facts) are cached on disk by the config's content
 (launch/facts_cache.py), so a config planned or checked before costs neither the torch/transformers imports nor
-the build again.
+the build again. Llama-layout configs (llama, mistral, qwen2) given with explicit sizes are counted by formula
+(launch/facts_formula.py, checked against this build in the tests) without the imports even the first time.
 """
 
 from __future__ import annotations
@@ -113,12 +114,36 @@ def model_facts(model_cfg: Any, use_cache: bool = True) -> ModelFacts:
             return ModelFacts(**hit["facts"])
         except (KeyError, TypeError):  # an entry from another version of ModelFacts: rebuild it
             pass
-    hf = load_hf_config(model_cfg)
-    facts = _count(model_cfg, hf)
+    facts = _counted_from_config_file(model_cfg)
+    if facts is None:
+        facts = built_facts(model_cfg, cache_config=use_cache)
     if use_cache:
-        facts_cache.write("configs", facts_cache.config_key(model_cfg), {"config": _config_dict(hf)})
         facts_cache.write("facts", key, {"facts": asdict(facts)})
     return facts
+
+
+def built_facts(model_cfg: Any, cache_config: bool = False) -> ModelFacts:
+    """The reference: load the config with transformers, build the model on the meta device, count."""
+    hf = load_hf_config(model_cfg)
+    if cache_config:
+        facts_cache.write("configs", facts_cache.config_key(model_cfg), {"config": _config_dict(hf)})
+    return _count(model_cfg, hf)
+
+
+def _counted_from_config_file(model_cfg: Any) -> ModelFacts | None:
+    """The Llama-layout formula (launch/facts_formula.py) on the config as written, without transformers."""
+    from tune_launch.launch.facts_formula import llama_layout_facts
+
+    if model_cfg.trust_remote_code:
+        return None
+    data = model_cfg.config
+    if data is None:
+        path = facts_cache.config_file(model_cfg)
+        try:
+            data = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            return None
+    return llama_layout_facts(dict(data), model_cfg.lora) if isinstance(data, dict) else None
 
 
 def _count(model_cfg: Any, hf: Any) -> ModelFacts:

@@ -45,6 +45,7 @@ def test_facts_are_cached_by_content_and_served_without_torch_or_transformers(tm
     first = model_facts(cfg.model)
     assert first.num_params > 100_000_000 and len(list((cache / "facts").glob("*.json"))) == 1
     assert model_facts(cfg.model) == first and model_facts(cfg.model, use_cache=False) == first
+    assert checked_model_config(cfg.model)["num_hidden_layers"] == 12  # transformers checks it once, then the cache
     code = ("from tune_launch.training.config import load_config; from tune_launch.launch.model_facts import model_facts, "
             f"checked_model_config; c = load_config({str(tmp_path / 'llama-125m-full.yaml')!r}).model; "
             f"assert model_facts(c).num_params == {first.num_params}; assert checked_model_config(c)['model_type'] == 'llama'")
@@ -91,3 +92,15 @@ def test_inline_configs_are_checked_once(tmp_path, cache):
     data = checked_model_config(model)
     assert data["hidden_size"] == 32 and data["model_type"] == "llama"
     assert list((cache / "configs").glob("*.json")) and checked_model_config(model) == data
+
+
+def test_a_llama_layout_config_is_planned_without_torch_even_the_first_time(tmp_path):
+    yaml_path = training_yaml(tmp_path, "tinyllama-1.1b")
+    code = ("from tune_launch.training.config import load_config; from tune_launch.launch.model_facts import model_facts; "
+            f"assert model_facts(load_config({str(yaml_path)!r}).model).num_params > 1_000_000_000")
+    assert _imports_after(code, {**os.environ, facts_cache.CACHE_ENV: str(tmp_path / "empty")}) == []
+    gpt2 = tmp_path / "gpt2.yaml"  # another layout: built on the meta device (torch and transformers imported)
+    gpt2.write_text("model: {config: {model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 2, vocab_size: 300}}\n"
+                    "tokenizer: {train_vocab_size: 300}\ndata: {generate: {kind: pretrain}}\n")
+    code = code.replace(str(yaml_path), str(gpt2)).replace("> 1_000_000_000", "> 0")
+    assert _imports_after(code, {**os.environ, facts_cache.CACHE_ENV: str(tmp_path / "empty2")}) == ["torch", "transformers"]
