@@ -15,7 +15,8 @@ model given inline without `vocab_size` (the formula declines a config that reli
 builds it on the meta device: the path every other architecture takes the first time).
 
 Runs are interleaved (launch A, launch B, A, B, ...) so that a busy moment of this shared machine hits both
-alike, all from this one process tree; tables give the median, the JSON every sample. Targets (issue 16):
+alike, all from this one process tree; tables give the median, the JSON every sample and the load average. The
+launch ratio checked against the target is the median of the per-round ratios (each round runs both back to back). Targets (issue 16):
 tune-launch <= 1.15x the bare launch to first step, plan <= 2 s cached and <= 4 s uncached.
 Writes bench/results/startup.json.
 """
@@ -104,8 +105,13 @@ def bench_launch(repeats: int, env: dict[str, str], work: Path) -> dict[str, Any
         launcher = [r["launcher_s"] for r in rows if r["launcher_s"] is not None]
         if launcher:
             out[kind]["launcher_s"] = statistics.median(launcher)
-    out["ratio_first_step"] = round(out["tune-launch"]["first_step_s"] / out["accelerate"]["first_step_s"], 3)
-    out["ratio_exit"] = round(out["tune-launch"]["exit_s"] / out["accelerate"]["exit_s"], 3)
+    out["ratio_of_medians_first_step"] = round(out["tune-launch"]["first_step_s"] / out["accelerate"]["first_step_s"], 3)
+    out["ratio_of_medians_exit"] = round(out["tune-launch"]["exit_s"] / out["accelerate"]["exit_s"], 3)
+    # Paired: each round runs both back to back, so the median of the per-round ratios cancels most of what a busy
+    # moment of this shared machine adds to one round; this is the figure the target is checked against.
+    pairs = list(zip(samples["tune-launch"], samples["accelerate"]))
+    out["ratio_first_step"] = round(statistics.median(a["first_step_s"] / b["first_step_s"] for a, b in pairs), 3)
+    out["ratio_exit"] = round(statistics.median(a["exit_s"] / b["exit_s"] for a, b in pairs), 3)
     return out
 
 
@@ -193,7 +199,7 @@ def summary_table(r: dict[str, Any]) -> str:
         la = r["launch"]
         lines += [f"| bare `accelerate launch`, command to first step | {la['accelerate']['first_step_s']:.2f} | baseline |",
                   f"| `tune-launch`, command to first step | {la['tune-launch']['first_step_s']:.2f} | "
-                  f"<= {TARGETS['launch_ratio_max']}x: {la['ratio_first_step']:.2f}x |",
+                  f"<= {TARGETS['launch_ratio_max']}x: {la['ratio_first_step']:.2f}x (median of paired rounds) |",
                   f"| `tune-launch`, its own share (to `running:`) | {la['tune-launch'].get('launcher_s', float('nan')):.2f} | |",
                   f"| bare / tune-launch, command to exit | {la['accelerate']['exit_s']:.2f} / {la['tune-launch']['exit_s']:.2f} | |"]
     if "plan" in r:
