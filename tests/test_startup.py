@@ -110,3 +110,17 @@ def test_another_layout_is_built_on_the_meta_device(tmp_path):
     gpt2.write_text("model: {config: {model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 2, vocab_size: 300}}\n"
                     "tokenizer: {train_vocab_size: 300}\ndata: {generate: {kind: pretrain}}\n")
     assert _imports_after(code, {**os.environ, facts_cache.CACHE_ENV: str(tmp_path / "empty2")}) == ["torch", "transformers"]
+
+
+@pytest.mark.slow
+def test_startup_bench_plan_smoke(tmp_path):
+    """bench/startup.py runs as a module and writes its JSON (plan part only; the launch part trains)."""
+    out = tmp_path / "startup.json"
+    done = subprocess.run([sys.executable, "-m", "bench.startup", "--skip-launch", "--repeats", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"cached", "uncached", "uncached_meta_build"} <= set(data["plan"]) and data["plan"]["cached"]["wall_s"] > 0
+    assert set(data["checks"]) == {"plan_cached_ok", "plan_uncached_ok", "plan_meta_build_ok"} and len(data["plan"]["cached"]["samples"]) == 1
+    assert len(data["loadavg_before"]) == 3 and "launch" not in data
+    assert "versions" in data and data["device_kind"] == "cpu"
