@@ -30,7 +30,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) tests
 
 bench-consolidate: setup
-	0PY) -m bench.consolidate
+	$(PY) -m bench.consolidate
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs
