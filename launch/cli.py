@@ -129,7 +129,9 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool,
     if needs_facts:
         from tune_launch.launch.model_facts import model_facts
         facts = model_facts(cfg.model)
-    plan = make_plan(request, cfg, hw, facts)
+    from tune_launch.training.reshard import resume_facts
+
+    plan = make_plan(request, cfg, hw, facts, resume_facts(cfg))  # the checkpoint the ranks will continue, if any
     check_device(cfg, plan.device, str(request.config_path))
     return Planned(plan, facts, hw, cfg)
 

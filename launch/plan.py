@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_launch.batching import dividing_micro_batch
 from tune_launch.errors import TuneLaunchError
 from tune_launch.launch.choose import Candidate, Choice, build_table, choose_profile, largest_micro_batch
 from tune_launch.launch.hardware import Hardware
@@ -16,7 +17,8 @@ from tune_launch.launch.memory import Workload, estimate_memory, gpu_budget_byte
 from tune_launch.launch.model_facts import ModelFacts
 from tune_launch.profiles import PROFILES, REHEARSAL_PROFILES, Profile, get_profile
 from tune_launch.training.schema import TrainingConfig
-from tune_launch.training.settings import DeviceFacts, ResolvedSettings, resolve_settings
+from tune_launch.training.reshard import ResumeFacts, resume_plan_for
+from tune_launch.training.settings import CPU_MICRO_BATCH, DeviceFacts, ResolvedSettings, resolve_settings
 from tune_launch.units import GIB
 
 
@@ -70,6 +72,7 @@ class LaunchPlan:
     output_dir: str = "outputs/run"
     budget_gib: float = 0.0
     workload: Workload | None = None  # the shape the table rows were estimated at
+    accumulation: int | None = None  # when the global batch decides it (train.global_batch_size, a resharded resume)
 
     @property
     def world_size(self) -> int:
@@ -77,8 +80,10 @@ class LaunchPlan:
 
     @property
     def rank_overrides(self) -> tuple[str, ...]:
-        """What the ranks are given after the YAML: the user's overrides, then every resolved `auto`."""
-        return self.overrides + self.settings.as_overrides()
+        """What the ranks are given after the YAML: the user's overrides, then every resolved `auto`, then the
+        gradient accumulation that keeps the global batch."""
+        kept = (f"train.gradient_accumulation_steps={self.accumulation}",) if self.accumulation is not None else ()
+        return self.overrides + self.settings.as_overrides() + kept
 
 
 @dataclass(frozen=True)
@@ -128,8 +133,10 @@ def workload_for(cfg: TrainingConfig, settings: ResolvedSettings, micro_batch: i
                     master_weights=settings.master_weights)
 
 
-def make_plan(request: LaunchRequest, cfg: TrainingConfig, hw: Hardware, facts: ModelFacts | None) -> LaunchPlan:
-    """The whole decision: placement, profile, settings (micro batch, checkpointing, precision, ...), rendezvous."""
+def make_plan(request: LaunchRequest, cfg: TrainingConfig, hw: Hardware, facts: ModelFacts | None,
+              resume: ResumeFacts | None = None) -> LaunchPlan:
+    """The whole decision: placement, profile, settings (micro batch, checkpointing, precision, ...), gradient
+    accumulation, rendezvous. `resume`: the checkpoint the ranks will continue (an `auto` profile keeps its family)."""
     placement = place(request, hw)
     nodes, node_rank, main_ip = _rendezvous(request, placement, hw)
     dev = device_facts(placement, hw)
@@ -139,9 +146,11 @@ def make_plan(request: LaunchRequest, cfg: TrainingConfig, hw: Hardware, facts: 
     budget = 0.0
     workload = None
 
+    world = placement.gpus_per_node * nodes
+    family = resume.saved.layout if resume is not None else None
     if placement.device == "cpu":
-        profile, reason = _cpu_profile(request, placement.gpus_per_node * nodes)
-        settings = resolve_settings(cfg, dev, profile)
+        profile, reason = _cpu_profile(request, world, family)
+        settings = resolve_settings(cfg, dev, profile, micro_batch_size=_divisor_micro(cfg, world, CPU_MICRO_BATCH))
     else:
         if facts is None:
             raise TuneLaunchError("internal: a GPU plan needs the model's facts")
@@ -152,6 +161,8 @@ def make_plan(request: LaunchRequest, cfg: TrainingConfig, hw: Hardware, facts: 
         workload = workload_for(cfg, resolve_settings(cfg, dev, PROFILES["single-gpu"]), micro_batch=None if not auto_mb else 1)
         if request.profile == "auto":
             choice = choose_profile(facts, target, workload, gc_fixed, auto_micro_batch=auto_mb)
+            if family and choice.candidate.profile.layout_family != family:
+                choice = _keep_family(choice, family, facts, target, workload, auto_mb, resume)
             profile, reason = choice.candidate.profile, choice.reason
         else:
             profile = get_profile(request.profile)
@@ -164,10 +175,19 @@ def make_plan(request: LaunchRequest, cfg: TrainingConfig, hw: Hardware, facts: 
                              f"and {choice.candidate.estimate.cpu_ram_gib:.0f} GiB CPU RAM, over the budget "
                              f"({budget:.1f} GiB, {target.cpu_ram_gib:.0f} GiB); `tune-launch plan` shows what fits")
         table, chosen = choice.table, choice.candidate
+        micro = _divisor_micro(cfg, world, choice.micro_batch_size) if auto_mb else choice.micro_batch_size
         if placement.gpus_per_node * nodes == 1 and profile.name == "ddp":
             profile, reason = PROFILES["single-gpu"], reason + " (one GPU: single-gpu)"
-        settings = resolve_settings(cfg, dev, profile, micro_batch_size=choice.micro_batch_size,
+        settings = resolve_settings(cfg, dev, profile, micro_batch_size=micro,
                                     gradient_checkpointing=chosen.estimate.gradient_checkpointing)
+
+    accumulation, resume_note = _accumulation(cfg, settings.micro_batch_size, world, resume, profile.layout_family)
+    if accumulation is not None:
+        if accumulation != cfg.train.gradient_accumulation_steps and resume_note is None:
+            notes.append(f"train.gradient_accumulation_steps {cfg.train.gradient_accumulation_steps} -> {accumulation}: keeps "
+                         f"train.global_batch_size {cfg.train.global_batch_size} on {world} process(es)")
+    if resume_note:
+        notes.append(resume_note)
 
     port = request.main_process_port
     if port is None and hw.slurm is not None and nodes > 1:
@@ -179,7 +199,44 @@ def make_plan(request: LaunchRequest, cfg: TrainingConfig, hw: Hardware, facts: 
         node_rank=node_rank, main_process_ip=main_ip, main_process_port=port, config_path=request.config_path,
         overrides=tuple(request.overrides), reason=reason, settings=settings, notes=tuple(notes), table=table,
         chosen=chosen, cpu_cores=hw.cpu_cores, output_dir=cfg.output_dir, budget_gib=budget, workload=workload,
+        accumulation=accumulation,
     )
+
+
+def _divisor_micro(cfg, world: int, cap: int) -> int:
+    """An `auto` micro batch: the planned one, lowered to one that splits train.global_batch_size evenly."""
+    target = cfg.train.global_batch_size
+    return (dividing_micro_batch(target, world, cap) or cap) if target else cap
+
+
+def _accumulation(cfg: TrainingConfig, micro: int, world: int, resume: ResumeFacts | None,
+                  layout: str) -> tuple[int | None, str | None]:
+    """The gradient accumulation the ranks will run (training/reshard.py decides the same), when it is not simply
+    the YAML's: a kept global batch (train.global_batch_size, or a resharded checkpoint's); and the resume line.
+    None when it does not divide: preflight's global-batch check (or the rank) then says what would."""
+    target = cfg.train.global_batch_size
+    if target and target % (micro * world):
+        return None, None
+    start = resume_plan_for(cfg, world, micro, resume, layout)
+    note = start.line() if resume is not None else None
+    return (start.batch.accumulation if start.batch.source != "train.gradient_accumulation_steps" else None), note
+
+
+def _keep_family(choice: Choice, family: str, facts: ModelFacts, hw: Hardware, workload: Workload, auto_mb: bool,
+                 resume: ResumeFacts) -> Choice:
+    """Resuming: the fastest profile of the checkpoint's family (another family could not load it), even when
+    another one would be faster on this hardware; the least memory-hungry one when none fits."""
+    rows = [r for r in choice.table if r.profile.layout_family == family]
+    if not rows:
+        return choice
+    fitting = [r for r in rows if r.fits]
+    pick = max(fitting, key=lambda r: r.speed) if fitting else min(rows, key=lambda r: r.estimate.total)
+    mb = workload.micro_batch_size
+    if auto_mb:
+        mb = largest_micro_batch(pick, facts, hw, workload)
+    why = (f"{pick.profile.name}: the family of {resume.checkpoint.name}, which {choice.candidate.profile.name} "
+           f"(fastest here) could not load; {pick.estimate.total_gib:.1f} GiB per GPU")
+    return Choice(pick, mb, why if pick.fits else why + " (over the budget: `tune-launch plan` shows what fits)", choice.table)
 
 
 def _explicit_choice(profile: Profile, facts: ModelFacts, hw: Hardware, workload: Workload, gc_fixed: bool | None,
@@ -196,10 +253,14 @@ def _explicit_choice(profile: Profile, facts: ModelFacts, hw: Hardware, workload
     return Choice(pick, mb, "", tuple(rows))
 
 
-def _cpu_profile(request: LaunchRequest, world: int) -> tuple[Profile, str]:
-    """CPU runs: the cpu profile for one process, else a rehearsal of a multi-GPU profile on gloo."""
+def _cpu_profile(request: LaunchRequest, world: int, family: str | None = None) -> tuple[Profile, str]:
+    """CPU runs: the cpu profile for one process, else a rehearsal of a multi-GPU profile on gloo; resuming with
+    `auto`, the rehearsal of the checkpoint's family."""
     if not request.cpu:  # fallback from a GPU request on a machine without one
         return PROFILES["cpu"], "one CPU process (no GPU here)"
+    kept = {"fsdp": "fsdp", "deepspeed-zero2": "zero2", "deepspeed-zero3": "zero3"}.get(family or "")
+    if request.profile == "auto" and kept:
+        return PROFILES[kept], f"CPU rehearsal of {kept} with {world} gloo process(es): the checkpoint's family"
     if request.profile in ("auto", "cpu"):
         if world == 1:
             return PROFILES["cpu"], "one CPU process"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tune_launch.batching import alternatives
 from tune_launch.errors import TuneLaunchError
 from tune_launch.launch.hardware import Hardware
 from tune_launch.launch.model_facts import ModelFacts
@@ -179,27 +180,18 @@ def check_checkpointing(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, pro
 
 
 def check_global_batch(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
+    """train.global_batch_size fixes micro batch x processes x accumulation; the plan derives the accumulation
+    (and lowers an `auto` micro batch to one that divides), so only a global batch no accumulation gives is wrong."""
     target = cfg.train.global_batch_size
     if not target:
         return None
-    accum = cfg.train.gradient_accumulation_steps
-    world = plan.world_size
-    unit = world * accum
-    if target % unit:
-        lower, upper = (target // unit) * unit, (target // unit + 1) * unit
-        options = " or ".join(str(v) for v in (lower, upper) if v > 0)
-        return Finding("global-batch", "error",
-                       f"train.global_batch_size {target} is not divisible by processes x accumulation "
-                       f"({world} x {accum} = {unit}): no whole micro batch per process gives it",
-                       f"set train.global_batch_size to a multiple of {unit} ({options}) or change "
-                       "train.gradient_accumulation_steps / the number of processes")
-    mb = plan.settings.micro_batch_size
-    if mb * unit != target and isinstance(cfg.train.micro_batch_size, int):
-        return Finding("global-batch", "error",
-                       f"train.global_batch_size {target} != micro batch {mb} x processes {world} x accumulation {accum} "
-                       f"= {mb * unit}",
-                       f"set train.micro_batch_size: {target // unit} (or auto), or change train.global_batch_size")
-    return None
+    mb, world = plan.settings.micro_batch_size, plan.world_size
+    if target % (mb * world) == 0:
+        return None
+    return Finding("global-batch", "error",
+                   f"train.global_batch_size {target} is not a multiple of micro batch {mb} x {world} processes "
+                   f"= {mb * world}: no whole gradient accumulation gives it",
+                   "use " + ", or ".join(alternatives(target, mb, world)))
 
 
 def check_port(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:

@@ -142,20 +142,30 @@ def test_checkpointing_twice_deepspeed_json_and_fsdp_config(tmp_path):
 
 # --------------------------------------------------------------------------- global batch
 
-def test_global_batch_not_divisible_by_processes_times_accumulation(tmp_path):
-    cfg, plan, hw = setup(tmp_path, profile="ddp", gradient_accumulation_steps=4)  # 8 GPUs x 4 = 32
-    cfg = train_with(cfg, micro_batch_size="auto")
+def test_global_batch_no_accumulation_can_give(tmp_path):
+    cfg, plan, hw = setup(tmp_path, profile="ddp")  # micro 1, 8 GPUs
     found = evaluate(train_with(cfg, global_batch_size=100), plan, hw, Probes())
     assert ids(found) == ["global-batch"]
-    assert "(8 x 4 = 32)" in found[0].message and "(96 or 128)" in found[0].fix
+    assert "100 is not a multiple of micro batch 1 x 8 processes = 8" in found[0].message
+    assert found[0].fix == "use train.global_batch_size 96 or 104, or 1, 2, 4, 5 or 10 processes"
     assert evaluate(train_with(cfg, global_batch_size=128), plan, hw, Probes()) == []
 
 
-def test_global_batch_disagreeing_with_a_fixed_micro_batch(tmp_path):
-    cfg, plan, hw = setup(tmp_path, profile="ddp")  # micro 1, 8 GPUs, accumulation 1
-    found = evaluate(train_with(cfg, global_batch_size=16), plan, hw, Probes())
-    assert ids(found) == ["global-batch"] and "set train.micro_batch_size: 2" in found[0].fix
-    assert evaluate(train_with(cfg, global_batch_size=8), plan, hw, Probes()) == []
+def test_global_batch_fixes_the_accumulation_the_yaml_gives(tmp_path):
+    """The YAML's accumulation (4) is recomputed from the global batch, not refused: 16 = 1 x 8 x 2."""
+    cfg, plan, hw = setup(tmp_path, profile="ddp", gradient_accumulation_steps=4, global_batch_size=16)
+    assert plan.rank_overrides[-1] == "train.gradient_accumulation_steps=2"
+    assert "train.gradient_accumulation_steps 4 -> 2: keeps train.global_batch_size 16 on 8 process(es)" in plan.notes
+    assert evaluate(cfg, plan, hw, Probes()) == []
+    found = evaluate(train_with(cfg, global_batch_size=12), plan, hw, Probes())  # micro 1 x 8 does not divide 12
+    assert ids(found) == ["global-batch"] and "train.global_batch_size 8 or 16" in found[0].fix
+
+
+def test_auto_micro_batch_is_lowered_to_split_the_global_batch(tmp_path):
+    """The memory plan's micro batch for 125M on 80 GiB is larger than 12; 96 over 8 GPUs needs 12 per GPU."""
+    cfg, plan, hw = setup(tmp_path, profile="ddp", micro_batch_size="auto", global_batch_size=96)
+    assert "train.micro_batch_size=12" in plan.rank_overrides and plan.rank_overrides[-1] == "train.gradient_accumulation_steps=1"
+    assert plan.settings.micro_batch_size == 12 and evaluate(cfg, plan, hw, Probes()) == []
 
 
 # --------------------------------------------------------------------------- port

@@ -93,26 +93,56 @@ def resolve_resume(setting: str, output_dir: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- compatibility
 
-def run_fingerprint(cfg, info, model) -> dict:
-    """What a checkpoint must share with the run that resumes it: the task, the model's parameter counts (a
-    different base model or LoRA on/off changes them), the LoRA shape, the checkpoint layout, and, for
-    DeepSpeed (whose optimizer partitions are per rank), the world size."""
+def run_fingerprint(cfg, info, model, micro_batch_size: int) -> dict:
+    """What a checkpoint must share with the run that resumes it (the task, the model's parameter counts: a
+    different base model or LoRA on/off changes them, the LoRA shape, the checkpoint layout), and the batch
+    layout that wrote it (world size, micro batch, accumulation), which a resume may change (training/reshard.py)."""
     lora = cfg.model.lora
-    out = {"task": cfg.task,
-           "total_params": sum(p.numel() for p in model.parameters()),
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "lora": None if lora is None else {"r": lora.r, "target_modules": lora.target_modules},
-           "layout": get_profile(info.profile).layout_family}
-    if out["layout"].startswith("deepspeed"):
-        out["world_size"] = info.world_size
-    return out
+    return {"task": cfg.task,
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lora": None if lora is None else {"r": lora.r, "target_modules": lora.target_modules},
+            "layout": get_profile(info.profile).layout_family,
+            "world_size": info.world_size,
+            "micro_batch_size": micro_batch_size,
+            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps}
 
 
-def incompatibility(saved: dict, current: dict) -> str | None:
-    """The first field that differs between a checkpoint's fingerprint and this run's ('key: saved vs now')."""
-    for key in ("task", "layout", "world_size", "lora", "total_params", "trainable_params"):
+# Fields a resume cannot change: why, and what to do instead (kept short: the launcher's verdict shows 300 characters).
+# The world size is not among them: FSDP reshards on load, DeepSpeed goes through a universal checkpoint
+# (training/reshard.py, training/universal.py).
+REFUSALS = {
+    "task": "{where} is a {saved} checkpoint and this run is {current}: one task cannot continue as another",
+    "layout": "{where} holds {saved_name} shards, which {current_name} cannot load: resume with --profile {profiles}, or "
+              "`tune-launch consolidate` it and start a new run from that",
+    "lora": "{where} holds {saved_name}, this run trains {current_name}: they do not load into each other; resume with "
+            "the same model.lora, or merge or consolidate it and start a new run from that",
+    "total_params": "{where} holds a model of {saved} parameters, this run's has {current}: resume with the model that wrote it",
+    "trainable_params": "{where} trains {saved} parameters, this run {current}: resume with the same model and model.lora",
+}
+FAMILY_PROFILES = {"fsdp": "fsdp or fsdp-offload", "deepspeed-zero2": "zero2 or zero2-offload",
+                   "deepspeed-zero3": "zero3 or zero3-offload", "plain": "cpu, single-gpu or ddp"}
+FAMILY_NAMES = {"fsdp": "FSDP", "deepspeed-zero2": "DeepSpeed ZeRO-2", "deepspeed-zero3": "DeepSpeed ZeRO-3",
+                "plain": "full-weight (cpu, single-gpu, ddp)"}
+START_OVER = " (or start over: a new output_dir, or checkpoint.resume: never)"
+
+
+def _describe(key: str, value) -> str:
+    if key == "layout":
+        return FAMILY_NAMES.get(str(value), str(value))
+    if key == "lora":
+        return "full weights" if value is None else f"LoRA adapters (r={value.get('r')})"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def incompatibility(saved: dict, current: dict, where: str = "the checkpoint") -> str | None:
+    """Why the first field that differs between a checkpoint's fingerprint and this run's cannot be resumed, and
+    what to do instead; fields an older marker lacks are not compared."""
+    for key, why in REFUSALS.items():
         if key in saved and key in current and saved[key] != current[key]:
-            return f"{key}: checkpoint {saved[key]}, this run {current[key]}"
+            return why.format(where=where, saved=_describe(key, saved[key]), current=_describe(key, current[key]),
+                              saved_name=_describe(key, saved[key]), current_name=_describe(key, current[key]),
+                              profiles=FAMILY_PROFILES.get(str(saved[key]), "the profile that wrote it"))
     return None
 
 
@@ -125,12 +155,11 @@ def check_resume_compatible(checkpoint: Path, fingerprint: dict) -> None:
         return
     if not isinstance(saved, dict):
         return
-    diff = incompatibility(saved, fingerprint)
-    if diff is not None:
+    why = incompatibility(saved, fingerprint, where=f"{checkpoint.parent.name}/{checkpoint.name}")
+    if why is not None:
         from tune_launch.training.config import ConfigError
 
-        raise ConfigError(f"checkpoint.resume: {checkpoint} was written by an incompatible run ({diff}); "
-                          "use a new output_dir, or set checkpoint.resume: never to start over in this one")
+        raise ConfigError(f"checkpoint.resume: {why}{START_OVER}")
 
 
 # --------------------------------------------------------------------------- writing

@@ -49,6 +49,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     from tune_launch.training import data as D
     from tune_launch.training.checkpoint import check_resume_compatible, resolve_resume, run_fingerprint
     from tune_launch.profiles import get_profile
+    from tune_launch.training.reshard import plan_resume, with_batch
     from tune_launch.training.model import build_model, load_saved_tokenizer, load_tokenizer
     from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
@@ -63,7 +64,11 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     else:
         from transformers import TrainingArguments as Args
     device = DeviceFacts.probe(info.device)
-    settings = resolve_settings(cfg, device, get_profile(info.profile))
+    profile = get_profile(info.profile)
+    settings = resolve_settings(cfg, device, profile)
+    resume = resolve_resume(cfg.checkpoint.resume, out)
+    start = plan_resume(cfg, info.world_size, resume, profile.layout_family, settings.micro_batch_size)
+    cfg = with_batch(cfg, start.batch)  # the accumulation that keeps the global batch on this world size
     args = Args(**arguments(cfg, info, sft, settings, device))
     _ = args.device  # initializes the process group (gloo on CPU, nccl on GPU)
     reattach_library_loggers(logger)  # accelerate imported DeepSpeed, which installs its own handler
@@ -90,14 +95,16 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     what_ran = WhatRanCallback()
     trainer = build_trainer(cfg, info, args, model, tokenizer, train_ds, eval_ds, metrics, settings, device)
     trainer.add_callback(what_ran)
-    fingerprint = run_fingerprint(cfg, info, trainer.model)  # after peft wrapped it, before FSDP/DeepSpeed do
+    fingerprint = run_fingerprint(cfg, info, trainer.model, settings.micro_batch_size)  # after peft wrapped it, before FSDP/DeepSpeed
     trainer.tune_launch_fingerprint = fingerprint
     reattach_library_loggers(logger)
     first_batch_check(trainer)
 
-    resume = resolve_resume(cfg.checkpoint.resume, out)
     if resume:
         check_resume_compatible(resume, fingerprint)
+    if info.is_main and start.line():
+        log.info("%s", start.line())
+    resharding = start.prepare(trainer, out, info.rank)  # per-rank RNG, universal conversion for ZeRO
     log.info("resuming from %s", resume) if resume else log.info("starting from step 0 (no complete checkpoint to resume)")
     from tune_launch.training.trackers import install_trackers, resolve_identity
 
@@ -109,6 +116,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
         _checkpoint_last_step(trainer, out)
     final = final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
     report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
+    report["batch"] = resharding
     if info.is_main:
         (out / "run_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
         report["picture"] = _draw_picture(out)

@@ -203,7 +203,7 @@ class TrainConfig(_Section):
     use_liger_kernel: bool | Literal["auto"] = "auto"
     dataloader_num_workers: int = Field(0, ge=0)
     ddp_timeout: int = Field(1800, gt=0)  # seconds a collective may wait (e.g. while rank 0 tokenizes)
-    global_batch_size: int | None = Field(None, gt=0)  # checked before launch: micro batch x processes x accumulation
+    global_batch_size: int | None = Field(None, gt=0)  # fixes micro x processes x accumulation: accumulation derived
     gradient_checkpointing_kwargs: dict[str, Any] | None = None  # e.g. {use_reentrant: false} (the default)
 
     @field_validator("micro_batch_size")

@@ -12,6 +12,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from tune_launch.training.best import best_model_arguments
 from tune_launch.training.checkpoint import AtomicCheckpointMixin
 from tune_launch.training.progress import MetricsCallback  # step lines, metrics.jsonl, the losses for the report
+from tune_launch.training.reshard import ReshardRngMixin
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.settings import DeviceFacts, ResolvedSettings
 from tune_launch.training.distributed import RankInfo
@@ -80,7 +81,7 @@ class WhatRanCallback(TrainerCallback):
                       "param_types": sorted({type(p).__name__ for p in model.parameters()})}
 
 
-class PretrainTrainer(AtomicCheckpointMixin, Trainer):
+class PretrainTrainer(ReshardRngMixin, AtomicCheckpointMixin, Trainer):
     pass
 
 
@@ -95,7 +96,7 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
 
         from tune_launch.training.model import lora_config, prepare_for_kbit
 
-        cls = type("AtomicSFTTrainer", (AtomicCheckpointMixin, SFTTrainer), {})
+        cls = type("AtomicSFTTrainer", (ReshardRngMixin, AtomicCheckpointMixin, SFTTrainer), {})
         model = prepare_for_kbit(model, cfg, settings)
         trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
