@@ -16,13 +16,15 @@
 # Preemption / time limit: USR1 reaches every process of the job 120 s before the limit (and on
 # `scancel --signal=USR1 JOB`); every rank saves one atomic checkpoint, node 0 runs `scontrol requeue`, and
 # the requeued job (same id, same command) resumes from that checkpoint. SIGTERM (preemption) does the same.
+# Fewer or more nodes after a requeue (a --nodes range) or a resubmission: the checkpoint is resharded for the new
+# world size, and gradient accumulation is recomputed so the global batch stays (train.global_batch_size, else the checkpoint's).
 # Logs, per node, side by side in <output_dir>/logs/: slurm-<jobid>-node<N>.out (this node's tune-launch and its
 # ranks) and node<N>.log (the training script's log); this script's own output: slurm-<job name>-<jobid>.out.
 #
 # ----------------------------------------------------------------- edit these lines for your cluster
 #SBATCH --job-name=tune-launch
-#SBATCH --nodes=2                 # nodes; the world size is nodes x GPUs per node
-#SBATCH --ntasks-per-node=1       # one tune-launch per node (it starts the per-GPU processes itself): keep 1
+#SBATCH --nodes=2                 # nodes, or a range (2-4: as many as are free); world size = nodes x GPUs per node
+##       no --ntasks-per-node:    it makes SLURM size a --nodes range by its minimum; srun below runs one tune-launch per node
 #SBATCH --gpus-per-node=8         # GPUs per node (0 on CPU nodes)
 #SBATCH --cpus-per-task=32        # CPU cores per node for data loading (OMP_NUM_THREADS = cores / GPUs)
 #SBATCH --mem=0                   # all of each node's memory

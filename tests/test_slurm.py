@@ -287,9 +287,12 @@ def test_sbatch_scripts_outside_slurm_say_so(script, tmp_path):
 @pytest.mark.parametrize("script", ["multi_node.sh", "single_node.sh"])
 def test_sbatch_headers_document_the_essentials(script):
     text = (ROOT / "slurm" / script).read_text()
-    for option in ("--nodes=", "--ntasks-per-node=1", "--gpus-per-node=", "--cpus-per-task=", "--time=",
+    tasks = ("--ntasks-per-node=1",) if script == "single_node.sh" else ()
+    for option in ("--nodes=", *tasks, "--gpus-per-node=", "--cpus-per-task=", "--time=",
                    "--signal=USR1@", "--requeue", "--open-mode=append"):
         assert re.search(rf"^#SBATCH {re.escape(option)}\S*\s+# \w", text, re.M), option
+    if script == "multi_node.sh":  # with it, SLURM sizes a --nodes=2-4 range by its minimum (measured on the dev cluster)
+        assert not re.search(r"^#SBATCH --ntasks-per-node", text, re.M) and "a range (2-4" in text
     assert "SLURM_NODEID" in text  # node rank from SLURM, never from host names
     if script == "multi_node.sh":
         assert '--node-rank "$SLURM_NODEID"' in text and "scontrol show hostnames" in text

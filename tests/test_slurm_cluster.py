@@ -76,6 +76,53 @@ def test_sbatch_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm_cluste
     assert "(restart 1)" in node0
 
 
+def scontrol_node(name: str, state: str) -> None:
+    args = ["scontrol", "update", f"nodename={name}", f"state={state}"] + (["reason=tune-launch test"] if state == "drain" else [])
+    subprocess.run(args, check=state == "drain", timeout=30, capture_output=True)
+
+
+def wait_nodes_idle(names: tuple[str, ...], timeout: float = 90) -> None:
+    """A node range starts on as many nodes as are free at once: let the previous test's jobs leave both."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30).stdout.split("\n")
+        states = dict(r.split() for r in rows if len(r.split()) == 2)
+        if all(states.get(n) == "idle" for n in names):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"nodes {names} not idle after {timeout:.0f} s: {states}")
+
+
+def test_sbatch_requeue_onto_fewer_nodes_resumes_with_the_same_global_batch(slurm_cluster, tmp_path):
+    """`--nodes=1-2`: the first run gets both nodes (world 2); n2 is drained before the pre-timeout signal, so the
+    requeued job gets n1 alone. It resumes the 2-process checkpoint with 1 process, gradient accumulation 1 -> 2
+    (train.global_batch_size 16 = micro 8 x 2 x 1 = 8 x 1 x 2), and ends COMPLETED with the planned step count."""
+    out, steps = tmp_path / "out", 60
+    wait_nodes_idle(("n1", "n2"))
+    job = sbatch(slurm_cluster, tmp_path, "--nodes=1-2", *DEV_NODES, str(MULTI), str(EXAMPLE), *overrides(out, steps),
+                 "train.global_batch_size=16")
+    logs = lambda: tails(tmp_path / "slurm-*.out", out / "logs" / "*")  # noqa: E731
+    try:
+        assert wait_for_text((out / "logs", "node0.log"), r"step [2-9]/60", 120), logs()
+        assert "rank 0/2 on node 0" in (out / "logs" / "node0.log").read_text(), logs()
+        scontrol_node("n2", "drain")  # running steps go on; nothing new starts on n2
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        assert wait_job(job, 240, logs) == "COMPLETED", logs()
+    finally:
+        scontrol_node("n2", "resume")
+    assert sacct_states(job) == ["REQUEUED", "COMPLETED"], logs()
+    r = report(out)
+    assert r["world_size"] == 1 and r["steps"] == steps and [(x["rank"], x["node"]) for x in r["ranks"]] == [(0, 0)], logs()
+    k = r["resumed_at_step"]
+    assert 0 < k < steps and r["resumed_from"] == str(out / f"checkpoint-{k}"), logs()
+    assert r["batch"] == {"from_world_size": 2, "to_world_size": 1, "from_accumulation": 1, "to_accumulation": 2,
+                          "global_batch": 16, "universal": None, "converted": False}, r["batch"]
+    script = next(tmp_path.glob(f"slurm-*-{job}.out")).read_text()
+    assert f"job {job} (restart 1): 1 node(s) n1," in script, script
+    assert (f"resuming checkpoint-{k}: world size 2 -> 1, gradient accumulation 1 -> 2; global batch kept: 16 = micro "
+            "batch 8 x 1 process(es) x accumulation 2") in (out / "logs" / "node0.log").read_text(), logs()
+
+
 def test_submit_two_nodes_then_requeue_through_submitit(slurm_cluster, tmp_path):
     """`tune-launch submit --nodes 2`: the same world of two; the checkpoint signal goes through the task's
     checkpoint() and submitit's requeue; the requeued task resumes from the checkpoint."""
