@@ -59,10 +59,11 @@ def test_dry_run_shows_the_accumulation_that_keeps_the_global_batch(tmp_path, ca
     assert dispatch(["--dry-run", "--cpu", "--num-processes", "2", "--profile", "ddp", str(cfg)], {}) == 0
     out = capsys.readouterr().out
     assert "note      train.gradient_accumulation_steps 1 -> 2: keeps train.global_batch_size 16 on 2 process(es)" in out
-    assert out.rstrip().endswith("train.gradient_accumulation_steps=2")
+    command = next(line for line in out.splitlines() if "accelerate.commands.launch" in line)
+    assert command.endswith("train.gradient_accumulation_steps=2"), command
     assert dispatch(["--dry-run", "--cpu", "--num-processes", "3", "--profile", "ddp", str(cfg)], {}) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("tune-launch: error: preflight global-batch: train.global_batch_size 16 is not a multiple of micro "
+    assert err.startswith("tune-launch: error: preflight global-batch: train.global_batch_size 16 is not a multiple of micro "
                    "batch 4 x 3 processes = 12: no whole gradient accumulation gives it; fix: use "
                    "train.global_batch_size 12 or 24, or 1, 2 or 4 processes")
 
