@@ -155,7 +155,11 @@ class Supervisor:
             except psutil.Error:
                 return "gone"
 
-        return {rank: status(pid) for pid, rank in self.ranks.items()}
+        states: dict[int, str] = {}
+        for pid, rank in self.ranks.items():  # a rank restarted in place has two pids: a live one wins
+            if states.get(rank) in (None, psutil.STATUS_ZOMBIE, "gone"):
+                states[rank] = status(pid)
+        return states
 
     def _tick(self, now: float) -> list:
         """The watch's decisions for this moment, from the processes and (once a second) the heartbeats."""
@@ -228,8 +232,9 @@ class Supervisor:
             return
         pids = {rank: pid for pid, rank in self.ranks.items()}
         try:
-            if action.announced:
-                self.stall = self.hangs.on_announcement(self.announcement or {}, pids)
+            if action.announced:  # post this node's stacks, then leave node 0 the first kill and the verdict
+                posted = self.hangs.on_announcement(self.announcement or {}, pids)
+                self.stall = StallOutcome((*posted.lines, *self.hangs.conclusion(self.announcement or {})))
             elif action.stall is not None:
                 reason = None if self.watch.killed_for == "stall" else self.watch.killed_for
                 self.stall = self.hangs.on_stall(action.stall, pids, newest_checkpoint(self.plan.output_dir), reason)
@@ -238,8 +243,6 @@ class Supervisor:
 
     def _finish(self, code: int) -> int:
         lines = self.stall.lines if self.stall is not None else None
-        if self.announcement is not None and self.hangs is not None:
-            lines = (*(lines or ()), *self.hangs.conclusion(self.announcement))
         with self.lock:
             v = verdict(self.output, self.watch, code, self.plan.node_rank, time.monotonic(), lines,
                         requeue_stall=self.stall is not None and self.stall.requeue)
@@ -254,6 +257,8 @@ class Supervisor:
         if requeue:
             done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
             self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
+        if self.stall is not None and self.hangs is not None:
+            self.hangs.conclude(self.stall)  # last: the other nodes exit on it, and srun then ends this one
         return v.exit_code
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tune_launch.heartbeat import FINAL_PHASES, Heartbeat
 from tune_launch.launch.stacks import RankStack
 
-FROZEN_AFTER_S = 20.0  # no write at all (not even the 5 s pulse) for this long: the process or its node is frozen
+FROZEN_AFTER_S = 12.0  # no write at all (not even the 5 s pulse) for this long: the process or its node is frozen
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class RankStall:
     silent_s: float  # since anything was last written (the pulse included)
     pid: int = 0
     seen: bool = True  # a heartbeat of this launch was read
+    phase: str = "starting"
 
     @property
     def frozen(self) -> bool:
@@ -128,7 +129,7 @@ class StallTracker:
             b = v.beat
             ranks.append(RankStall(rank, b.node if b else self.node_of.get(rank, 0), b.where if b else "starting",
                                    b.step if b else 0, now - v.progress_at, limit, why, now - v.written_at,
-                                   b.pid if b else 0, seen=b is not None))
+                                   b.pid if b else 0, seen=b is not None, phase=b.phase if b else "starting"))
         return Stall(now, tuple(ranks))
 
     def check(self, now: float, slack_s: float = 0.0) -> Stall | None:
@@ -190,7 +191,9 @@ def stall_lines(stall: Stall, stacks: Mapping[int, RankStack], report: str | Non
         stack = stacks.get(first.rank)
         how = stack.where() if stack is not None else rank_line(first, None).rsplit(": ", 1)[-1]
         tail = f"; {len(others)} other rank(s) wait for it" if others else ""
-        head = f"{who} stalled in {first.where}: {how}{tail}"
+        ahead = max((r for r in stall.ranks if r.phase == first.phase), key=lambda r: r.step)
+        where = first.where if ahead.step <= first.step else f"{ahead.where} (its last heartbeat: {first.where})"
+        head = f"{who} stalled in {where}: {how}{tail}"
     else:
         head = f"every rank stalled in {b.where} (the stacks above show where each waits)"
     ended = "the job was stopped at once" if reason else f"the job was stopped after {stall.idle_s:.0f} s without progress"

@@ -27,7 +27,7 @@ from tune_launch.launch.stacks import RankStack, StackTarget, capture
 from tune_launch.launch.stall import Limits, Stall, StallTracker, stall_lines
 
 READ_EVERY_S = 1.0  # at least; node 0 of a large job reads its ~world_size files at most 500 a second
-REMOTE_STACKS_WAIT_S = 15.0  # node 0 waits this long for the other nodes' stack summaries
+REMOTE_STACKS_WAIT_S = 10.0  # node 0 waits this long for the other nodes' stack summaries
 CONCLUSION_WAIT_S = 20.0  # another node waits this long for node 0's verdict before it exits on its own
 REMOTE_SLACK_S = 30.0  # another node acts on its own stall this much later than node 0 would
 
@@ -38,6 +38,7 @@ class StallOutcome:
 
     lines: tuple[str, ...]
     requeue: bool = False
+    stall_id: str = ""
 
 
 def new_attempt_id() -> str:
@@ -141,10 +142,17 @@ class HangWatch:
         lines = stall_lines(stall, stacks, str(report), checkpoint, requeue, reason)
         lines = (*lines[:-1], *(f"[tune-launch] {n}" for n in notes), lines[-1])
         self._write_report(report, lines, stacks)
-        if self.node_rank == 0:  # the other nodes' launchers and `tune-launch status` read it
-            heartbeat.write_json(self._board, {"id": stall_id, "by_node": 0, "time": time.time(), "state": "done",
-                                               "lines": list(lines)})
-        return StallOutcome(lines, requeue)
+        return StallOutcome(lines, requeue, stall_id)
+
+    def conclude(self, outcome: StallOutcome) -> None:
+        """Node 0's last word on a stall, once it printed the verdict and requeued (the other nodes exit on it;
+        `tune-launch status` shows it)."""
+        if self.node_rank == 0 and outcome.stall_id:
+            try:
+                heartbeat.write_json(self._board, {"id": outcome.stall_id, "by_node": 0, "time": time.time(),
+                                                   "state": "done", "lines": list(outcome.lines)})
+            except OSError:
+                pass
 
     def on_announcement(self, announcement: dict[str, Any], pids: dict[int, int]) -> StallOutcome:
         """A node other than 0: node 0 found the job stalled; capture this node's stacks and post them."""

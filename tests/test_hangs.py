@@ -125,7 +125,7 @@ def test_a_hung_rank_is_found_within_the_limit_named_with_every_stack_and_the_ru
     assert sorted(sections) == [0, 1], report[:2000]
     assert frame in sections[rank] and "main thread" in sections[other], report[-4000:]
     if case != "stopped":  # a rank that can still run Python answers SIGUSR2 itself
-        assert frame in (out / "logs" / "stacks" / f"rank{rank}.txt").read_text()
+        assert frame in (out / "heartbeat" / f"rank{rank}.stacks.txt").read_text()
     no_process_left(yaml_path)
 
     # the newest complete checkpoint is as it was; the same command resumes from it and continues exactly

@@ -93,3 +93,17 @@ def test_read_run_finds_every_rank(tmp_path):
     (heartbeat.folder(tmp_path) / "rank9.json.tmp123").write_text("{")
     assert sorted(heartbeat.read_run(tmp_path)) == [0, 1, 5]
     assert sorted(heartbeat.read_run(tmp_path, range(2))) == [0, 1]
+
+
+def test_a_new_phase_and_a_change_the_thread_left_unwritten_are_written_by_the_reporter(tmp_path):
+    """The limits depend on the phase: it must never be a stale one, even when the writer thread is starved."""
+    path = tmp_path / "rank0.json"
+    w = HeartbeatWriter(path, {"rank": 0}, interval_s=3600, pulse_s=3600)  # a thread that never gets to run
+    w.flush()
+    w.update(phase="save", detail="checkpoint-8")
+    assert heartbeat.read(path).where == "save checkpoint-8"  # at once
+    w.update(phase="save", done=1)
+    assert heartbeat.read(path).done == 0  # a step within the phase: left to the thread ...
+    w._last_write -= heartbeat.LAG_S + 0.1
+    w.update(phase="save", done=2)
+    assert heartbeat.read(path).done == 2  # ... unless it has not written for LAG_S

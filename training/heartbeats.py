@@ -2,8 +2,9 @@
 every thread's Python stack on SIGUSR2, and the one-line report of a crash.
 
 The launcher reads the heartbeats to find a job that stopped making progress; then it sends SIGUSR2 to every
-rank and faulthandler writes all threads' stacks into output_dir/logs/stacks/rank<R>.txt, from the signal
-handler itself, so even a main thread blocked inside a C++ collective answers. The Trainer hooks that
+rank and faulthandler writes all threads' stacks into output_dir/heartbeat/rank<R>.stacks.txt, from the
+signal handler itself, so even a main thread blocked inside a C++ collective answers; the launcher puts
+them into its stall report in output_dir/logs/. The Trainer hooks that
 report steps, evaluation and saves are in `training/heartbeat_callback.py` (they need transformers; this
 module does not, so the heartbeat starts before the heavy imports).
 """
@@ -30,7 +31,8 @@ _stack_file: Any = None  # kept open for the life of the process: faulthandler w
 
 
 def stack_file_path(output_dir: str | os.PathLike, rank: int) -> Path:
-    return Path(output_dir) / "logs" / "stacks" / f"rank{rank}.txt"
+    """Beside the heartbeat: the launcher copies what lands here into the stall report in output_dir/logs/."""
+    return heartbeat.folder(output_dir) / f"rank{rank}.stacks.txt"
 
 
 def register_stack_dump(path: Path) -> str:

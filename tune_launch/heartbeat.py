@@ -3,9 +3,9 @@
 One definition for both sides. A rank's writer (`start`) keeps the rank's state in memory; the calls the
 training code makes (`report_phase`, `report_progress`, `report_step`) only update that state, and a
 background thread writes the file (atomic replace) when it changed, at most `interval_s` apart, plus a
-pulse every `pulse_s` while nothing changes. So a heartbeat costs the training loop a dict update, and
-the file tells two things apart: progress (the `progress` counter moves) and life (the `writes` counter
-moves; it stops only when the whole process is frozen or gone).
+pulse every `pulse_s` while nothing changes. So a heartbeat costs the training loop a dict update (a
+phase change, rare, is written at once), and the file tells two things apart: progress (the `progress`
+counter moves) and life (the `writes` counter moves; it stops only when the whole process is frozen or gone).
 
 The launcher of each node reads its own ranks' files, node 0's launcher reads every rank's (multi-node
 runs need a shared output_dir), and `tune-launch status` reads them from any shell. Readers judge age by
@@ -35,6 +35,7 @@ ATTEMPT_ENV = "TUNE_LAUNCH_ATTEMPT"  # set by each node's launcher: marks this l
 STACK_SIGNAL_NAME = "SIGUSR2"  # the signal on which a rank writes every thread's Python stack (faulthandler)
 PHASES = ("starting", "data", "model_load", "train", "eval", "save", "consolidate", "done", "stopped", "failed")
 FINAL_PHASES = ("done", "stopped", "failed")
+LAG_S = 2.0  # a change not written by the thread after this long is written by the reporting thread itself
 
 
 def folder(run_dir: str | os.PathLike) -> Path:
@@ -183,8 +184,11 @@ class HeartbeatWriter:
         return self
 
     def update(self, progress: bool = True, **values: Any) -> None:
+        """Change the state; the thread writes it. A new phase is written at once (the limits depend on it),
+        and so is any change the thread has not written for `LAG_S` (a thread starved of the GIL or the CPU)."""
         with self._lock:
-            if values.get("phase") not in (None, self.state.get("phase")):
+            new_phase = values.get("phase") not in (None, self.state.get("phase"))
+            if new_phase:
                 self.state["phase_time"] = self.clock()
                 self.state.update(done=0, total=0, detail="")
             self.state.update(values)
@@ -192,6 +196,8 @@ class HeartbeatWriter:
                 self.state["progress"] += 1
                 self.state["progress_time"] = self.clock()
             self._dirty = True
+        if new_phase or time.monotonic() - self._last_write > LAG_S:
+            self.flush()
 
     def get(self, key: str, default: Any = None) -> Any:
         with self._lock:
