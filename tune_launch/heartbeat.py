@@ -118,6 +118,8 @@ class Heartbeat:
         elif self.done:
             text += f" {self.done}"
         text = f"{text} {self.detail}".strip()
+        if self.phase in FINAL_PHASES and self.step:
+            return f"{text} at step {self.step}" + (f"/{self.max_steps}" if self.max_steps else "")
         return text + (f" after step {self.step}" if self.step and self.phase == "eval" else "")
 
 
