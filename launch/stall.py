@@ -122,6 +122,13 @@ class StallTracker:
                 view.written_at = now
             view.beat = beat
 
+    def shift(self, gap_s: float) -> None:
+        """The launcher itself was stopped for `gap_s` (a suspended SLURM job stops every process, then resumes
+        them): that time was nobody's stall."""
+        for view in self.views.values():
+            view.progress_at += gap_s
+            view.written_at += gap_s
+
     def snapshot(self, now: float) -> Stall:
         ranks = []
         for rank, v in sorted(self.views.items()):

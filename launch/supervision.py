@@ -24,6 +24,7 @@ from tune_launch.protocol import EXIT_STALLED, LAUNCHER_GRACE_MARGIN_S, parse_fa
 
 FAIL_FAST_S = 5.0  # a dead rank's peers get this long to exit on their own before SIGKILL
 HARD_DEADLINE_S = 10.0  # after the survivors were killed: then everything in the launch's session goes
+SUSPENDED_GAP_S = 10.0  # a gap this long between two ticks: the launcher itself was stopped (a suspended job)
 TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
 SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
@@ -182,6 +183,7 @@ class Watch:
     stall_slack_s: float = 0.0  # nodes other than 0 leave node 0 the first word on a stall
     stall: Stall | None = None
     hung: bool = False  # the job was ended for a stall (or for a stopped rank that could not answer a stop)
+    last_tick: float | None = None
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_count += 1
@@ -202,6 +204,9 @@ class Watch:
         """`alive`: every rank seen so far -> whether its process still runs; `beats`: heartbeats read now
         (None between reads); `stopped`: ranks whose process is stopped (SIGSTOP)."""
         actions: list[Action] = []
+        if self.stalls is not None and self.last_tick is not None and now - self.last_tick > SUSPENDED_GAP_S:
+            self.stalls.shift(now - self.last_tick)  # the whole job was suspended, this launcher too
+        self.last_tick = now
         if self.stalls is not None and beats:
             self.stalls.observe(now, beats)
         if self.stop_signal is not None and self.stop_sent_at is None and stopped and self.killed_for is None:

@@ -170,11 +170,21 @@ def test_frames_are_shown_as_readers_know_the_files():
 
 # --------------------------------------------------------------------------- the watch acts on heartbeats
 
+def ticks(w: Watch, start: float, end: float, every: float = 5.0) -> list:
+    """The loop's ticks from start to end (the launcher ticks often; a long gap means it was itself stopped)."""
+    t, actions = start, []
+    while t < end:
+        actions = w.tick(t, {0: True, 1: True}, None)
+        assert actions == [], (t, actions)
+        t += every
+    return w.tick(end, {0: True, 1: True}, None)
+
+
 def test_the_watch_captures_every_stack_then_kills_on_a_stall_and_the_verdict_exits_124():
     t = tracker()
     w = Watch(grace_s=120, stalls=t)
     assert w.tick(1.0, {0: True, 1: True}, {0: beat(0, 1, steps_timed=9, step_s=0.1), 1: beat(1, 1, steps_timed=9, step_s=0.1)}) == []
-    assert w.tick(60.0, {0: True, 1: True}, None) == []
+    assert ticks(w, 2.0, 60.0) == []
     actions = w.tick(61.5, {0: True, 1: True}, None)
     assert isinstance(actions[0], Say) and isinstance(actions[1], CaptureStacks) and actions[2] == KillEverything("stall")
     assert actions[1].stall is w.stall and w.hung
@@ -198,3 +208,13 @@ def test_a_stop_signal_while_a_rank_is_stopped_ends_the_job_at_once():
     actions = w.tick(5.0, {0: True, 1: True}, None, stopped=frozenset({1}))
     assert isinstance(actions[1], CaptureStacks) and isinstance(actions[2], KillEverything)
     assert w.killed_for == "SIGTERM: rank(s) 1 stopped (SIGSTOP) and cannot save a checkpoint" and w.hung
+
+
+def test_a_suspended_job_is_no_stall_when_it_resumes():
+    """SLURM's suspend stops every process of the job, the launcher too; on resume the gap is nobody's stall."""
+    w = Watch(grace_s=120, stalls=tracker())
+    w.tick(1.0, {0: True, 1: True}, {0: beat(0, 1, steps_timed=9, step_s=0.1), 1: beat(1, 1, steps_timed=9, step_s=0.1)})
+    w.tick(1.2, {0: True, 1: True}, None)
+    assert w.tick(3600.0, {0: True, 1: True}, None) == []  # an hour later: the launcher was stopped too
+    assert ticks(w, 3605.0, 3659.0) == []  # ticking again; 59 s of the limit's 60 s since the resume
+    assert any(isinstance(a, KillEverything) for a in w.tick(3661.0, {0: True, 1: True}, None))
