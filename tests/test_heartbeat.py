@@ -107,3 +107,46 @@ def test_a_new_phase_and_a_change_the_thread_left_unwritten_are_written_by_the_r
     w._last_write -= heartbeat.LAG_S + 0.1
     w.update(phase="save", done=2)
     assert heartbeat.read(path).done == 2  # ... unless it has not written for LAG_S
+
+
+def test_the_trainer_hooks_report_steps_saves_evaluations_and_the_final_consolidation(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tune_launch.training.heartbeat_callback import install_heartbeat
+
+    writer = HeartbeatWriter(tmp_path / "rank0.json", {"rank": 0}, interval_s=3600, pulse_s=3600)
+    monkeypatch.setattr(heartbeat, "_writer", writer)
+    seen = []
+
+    class FakeTrainer:
+        state = SimpleNamespace(global_step=0, max_steps=10, num_input_tokens_seen=0)
+
+        def add_callback(self, cb):
+            self.cb = cb
+
+        def save_model(self, *a):
+            seen.append(("save_model", writer.get("phase"), writer.get("detail")))
+
+        def _save_checkpoint(self, *a):
+            seen.append(("checkpoint", writer.get("phase"), writer.get("detail")))
+            self.save_model()
+
+        def evaluate(self):
+            self.cb.on_prediction_step(None, self.state, None)
+            seen.append(("eval", writer.get("phase"), writer.get("done")))
+
+    t = FakeTrainer()
+    cb = install_heartbeat(t)
+    cb.on_train_begin(None, t.state, None)
+    for step in (1, 2, 3, 4):
+        t.state.global_step, t.state.num_input_tokens_seen = step, 100 * step
+        cb.on_step_end(None, t.state, None)
+    assert (writer.get("phase"), writer.get("step"), writer.get("steps_timed")) == ("train", 4, 4)
+    assert writer.get("step_s") > 0 and writer.get("tokens_per_s") > 0
+    t._save_checkpoint(None, None)
+    t.evaluate()
+    assert writer.get("phase") == "train"  # back to training after each
+    cb.on_train_end(None, t.state, None)
+    t.save_model()
+    assert seen == [("checkpoint", "save", "checkpoint-4"), ("save_model", "save", "checkpoint-4"), ("eval", "eval", 1),
+                    ("save_model", "consolidate", "final model")]

@@ -3,7 +3,8 @@ limit is derived from, the loss and tokens/s), every evaluation batch, and the s
 
 Saves and evaluations are phases of their own (longer limits): the Trainer's `_save_checkpoint`, `save_model`
 and `evaluate` are wrapped on the instance, so the phase is right whichever callback asked for the save.
-Their time is not counted as step time.
+Their time is not counted as step time. After train() returns, the final evaluation, checkpoint and model
+(a full state dict gathered from every shard) are the consolidate phase.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class HeartbeatCallback(TrainerCallback):
         self._tokens_seen = 0
         self._micro = 0
         self._eval_batches = 0
+        self.ended = False  # train() returned: what follows (final eval, checkpoint, model) is consolidation
 
     def restart_timer(self) -> None:
         """A save or an evaluation just ended: the next step's time starts now."""
@@ -72,15 +74,17 @@ class HeartbeatCallback(TrainerCallback):
             heartbeat.report_metrics(eval_loss=float(logs["eval_loss"]))
 
     def on_train_end(self, args, state, control, **kwargs):
-        heartbeat.report_phase("save", "final evaluation, checkpoint and model")
+        self.ended = True
+        heartbeat.report_phase("consolidate", "final evaluation, checkpoint and model")
 
 
-def _in_phase(original: Callable[..., Any], phase: str, detail: Callable[[], str], callback: HeartbeatCallback):
+def _in_phase(original: Callable[..., Any], phase_of: Callable[[], str], detail: Callable[[], str], callback: HeartbeatCallback):
     @functools.wraps(original)
     def in_phase(*args: Any, **kwargs: Any) -> Any:
+        phase = phase_of()
         writer = heartbeat.current()
         before = (writer.get("phase"), writer.get("detail")) if writer is not None else None
-        nested = before is not None and before[0] == phase  # save_model inside _save_checkpoint
+        nested = before is not None and before[0] == "save"  # save_model inside _save_checkpoint
         if not nested:
             heartbeat.report_phase(phase, detail())
         try:
@@ -98,7 +102,9 @@ def install_heartbeat(trainer: Any) -> HeartbeatCallback:
     callback = HeartbeatCallback()
     trainer.add_callback(callback)
     step = lambda: trainer.state.global_step  # noqa: E731
-    trainer._save_checkpoint = _in_phase(trainer._save_checkpoint, "save", lambda: f"checkpoint-{step()}", callback)
-    trainer.save_model = _in_phase(trainer.save_model, "save", lambda: "model", callback)
-    trainer.evaluate = _in_phase(trainer.evaluate, "eval", lambda: "", callback)
+    # the final model (a full state dict gathered from every shard) is consolidation, with its longer limit
+    final = lambda: "consolidate" if callback.ended else "save"  # noqa: E731
+    trainer._save_checkpoint = _in_phase(trainer._save_checkpoint, lambda: "save", lambda: f"checkpoint-{step()}", callback)
+    trainer.save_model = _in_phase(trainer.save_model, final, lambda: "final model" if callback.ended else "model", callback)
+    trainer.evaluate = _in_phase(trainer.evaluate, lambda: "eval", lambda: "", callback)
     return callback
