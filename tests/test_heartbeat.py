@@ -104,9 +104,9 @@ def test_a_new_phase_and_a_change_the_thread_left_unwritten_are_written_by_the_r
     assert heartbeat.read(path).where == "save checkpoint-8"  # at once
     w.update(phase="save", done=1)
     assert heartbeat.read(path).done == 0  # a step within the phase: left to the thread ...
-    w._last_write -= heartbeat.LAG_S + 0.1
+    w._last_write -= w.lag_s + 0.1
     w.update(phase="save", done=2)
-    assert heartbeat.read(path).done == 2  # ... unless it has not written for LAG_S
+    assert heartbeat.read(path).done == 2  # ... unless it has not written for lag_s (LAG_S, or 4 intervals)
 
 
 def test_the_trainer_hooks_report_steps_saves_evaluations_and_the_final_consolidation(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def start_rank_heartbeat(output_dir: str | os.PathLike, info: RankInfo, env: Map
         "pid": os.getpid(), "host": socket.gethostname(), "attempt": env.get(heartbeat.ATTEMPT_ENV, ""),
         "started": time.time(), "main_thread": threading.main_thread().ident or 0, "stack_file": stack_file,
         "log_file": str(out / "logs" / f"node{info.node_rank}.log"),
-    })
+    }, interval_s=heartbeat.write_interval_s(info.world_size))
 
 
 def phase(name: str, detail: str = "") -> None:

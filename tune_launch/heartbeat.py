@@ -38,6 +38,11 @@ FINAL_PHASES = ("done", "stopped", "failed")
 LAG_S = 2.0  # a change not written by the thread after this long is written by the reporting thread itself
 
 
+def write_interval_s(world_size: int) -> float:
+    """Twice a second, less often in large jobs: the shared filesystem sees at most ~500 writes a second."""
+    return max(0.5, world_size / 500)
+
+
 def folder(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / FOLDER
 
@@ -172,6 +177,7 @@ class HeartbeatWriter:
         self._io = threading.RLock()  # one write at a time (the thread's and a final one from the main thread)
         self._dirty = True
         self._last_write = 0.0
+        self.lag_s = max(LAG_S, 4 * interval_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -198,7 +204,7 @@ class HeartbeatWriter:
                 self.state["progress"] += 1
                 self.state["progress_time"] = self.clock()
             self._dirty = True
-        if new_phase or time.monotonic() - self._last_write > LAG_S:
+        if new_phase or time.monotonic() - self._last_write > self.lag_s:
             self.flush()
 
     def get(self, key: str, default: Any = None) -> Any:
