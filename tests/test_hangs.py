@@ -160,7 +160,7 @@ def test_a_slow_data_phase_that_reports_progress_never_stalls_and_status_follows
         if (out / "heartbeat" / "rank0.json").exists():
             s = status(out)
             phase = s.get("phase", "")
-            if phase.startswith("data") and "data" not in seen and s["state"] == "running":
+            if "slow preparation" in phase and "data" not in seen and s["state"] == "running":
                 seen["data"] = s
             if phase.startswith("train step") and s.get("loss") is not None and "train" not in seen:
                 seen["train"] = s
