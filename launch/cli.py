@@ -7,6 +7,7 @@
     tune-launch submit train.yaml --nodes N ...                                       SLURM via submitit
     tune-launch consolidate CHECKPOINT OUT ...                                        shards -> safetensors
     tune-launch report RUN_DIR [RUN_DIR ...]                                          report.png of runs
+    tune-launch status RUN_DIR [--json]                                               a run's phase, step, ranks
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # the subcommands import what they need when they run: `tune-
     from tune_launch.training.schema import TrainingConfig
 
 EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate",
-            "report": "tune_launch.launch.runs_report"}
+            "report": "tune_launch.launch.runs_report", "status": "tune_launch.launch.status"}
 SUBCOMMANDS = ("detect", "profiles", "plan", *EXTERNAL, "run")
 
 
@@ -125,12 +126,11 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool,
             raise TuneLaunchError(f"--hardware {args.hardware}: describes no GPU (gpus_per_node 0); nothing to plan per GPU")
         request = replace(request, cpu=True)  # plan what would run here; --hardware plans for a GPU machine
     needs_facts = planning or (not request.cpu and hw.has_gpu)
-    facts = None
-    if needs_facts:
-        from tune_launch.launch.model_facts import model_facts
-        facts = model_facts(cfg.model)
+    from tune_launch.launch.model_facts import check_model_config, model_facts
     from tune_launch.training.reshard import resume_facts
 
+    check_model_config(cfg.model)  # every launch, also on CPU: a bad model config stops here, in one line (cached)
+    facts = model_facts(cfg.model) if needs_facts else None
     plan = make_plan(request, cfg, hw, facts, resume_facts(cfg))  # the checkpoint the ranks will continue, if any
     check_device(cfg, plan.device, str(request.config_path))
     return Planned(plan, facts, hw, cfg)
@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for finding in warnings:
         print(f"tune-launch: warning: {finding.line()}", file=sys.stderr)
     started_at = time.time()
-    code = execute(plan, env)
+    code = execute(plan, env, watchdog=cfg.watchdog)
     if code == 0 and plan.node_rank == 0 and (cfg.consolidate.enabled or cfg.hub is not None):
         from tune_launch.launch.finish import finish_run
 

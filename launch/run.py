@@ -6,6 +6,9 @@ When a rank dies while others still run, the survivors get FAIL_FAST_S seconds, 
 in a collective with a dead peer cannot hang the job until the collective timeout. SIGTERM/SIGUSR1/SIGHUP/
 SIGINT to the launcher become SIGUSR1 to every rank (one atomic checkpoint, clean exit; torchrun itself would
 pass SIGUSR1 on as a kill), bounded by the grace period; under SLURM the job is then requeued.
+Hangs (`launch/watchdog.py`, judged by `launch/stall.py`): the loop reads the ranks' heartbeats once a second;
+when no rank made progress for longer than its phase allows, every rank's stack is captured, the job is
+killed (a stopped rank too: it cannot answer) and the launch exits 124 with a summary of where each rank was.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
+from tune_launch import heartbeat
 from tune_launch.launch.command import build_command, build_env, full_env, shell_quote
 from tune_launch.launch.plan import LaunchPlan
-from tune_launch.launch.supervision import FAIL_FAST_S, KillEverything, RankOutput, Say, SignalRanks, Watch, verdict
+from tune_launch.launch.supervision import (FAIL_FAST_S, CaptureStacks, KillEverything, RankOutput, Say, SignalRanks, Watch,
+                                            verdict)
+from tune_launch.launch.watchdog import REMOTE_SLACK_S, HangWatch, StallOutcome, new_attempt_id
 from tune_launch.protocol import grace_seconds
 from tune_launch.redaction import redact, redact_env
 
@@ -81,12 +88,30 @@ class Supervisor:
     """Runs one node's launch: tees stderr, watches the rank processes, acts on `Watch`'s decisions."""
 
     def __init__(self, plan: LaunchPlan, argv: list[str], env: Mapping[str, str], stream: TextIO,
-                 fail_fast_s: float = FAIL_FAST_S) -> None:
+                 fail_fast_s: float = FAIL_FAST_S, watchdog=None) -> None:
         self.plan, self.argv, self.env, self.stream = plan, argv, dict(env), stream
         self.output = RankOutput(plan.node_rank, plan.processes_per_node)
-        self.watch = Watch(grace_s=grace_seconds(env), fail_fast_s=fail_fast_s)
+        self.env[heartbeat.ATTEMPT_ENV] = new_attempt_id()  # marks the heartbeats of this launch's ranks
+        self.hangs = self._hang_watch(watchdog)
+        self.watch = Watch(grace_s=grace_seconds(env), fail_fast_s=fail_fast_s,
+                           stalls=self.hangs.tracker if self.hangs else None,
+                           stall_slack_s=0.0 if plan.node_rank == 0 else REMOTE_SLACK_S)
         self.ranks: dict[int, int] = {}  # pid -> global rank
         self.lock = threading.Lock()
+        self.stall: StallOutcome | None = None
+        self.announcement: dict | None = None  # node 0's word that the job stalled (nodes other than 0)
+
+    def _hang_watch(self, watchdog) -> HangWatch | None:
+        """Hang detection for this launch (the YAML's `watchdog:` section), None when it is off."""
+        if watchdog is None or not watchdog.enabled:
+            return None
+        p = self.plan
+        try:
+            return HangWatch(p.output_dir, p.node_rank, p.nodes, p.processes_per_node, watchdog,
+                             self.env[heartbeat.ATTEMPT_ENV], time.monotonic())
+        except OSError as e:
+            self.say(f"warning: hang detection off: cannot use {heartbeat.folder(p.output_dir)} ({e.strerror or e})")
+            return None
 
     def say(self, text: str) -> None:
         print(f"[tune-launch] {text}", file=self.stream, flush=True)
@@ -120,16 +145,36 @@ class Supervisor:
             except (psutil.Error, ValueError):
                 continue
 
-    def _alive(self) -> dict[int, bool]:
+    def _states(self) -> dict[int, str]:
+        """Every rank seen so far -> its process status (psutil's words; 'gone' once it is reaped)."""
         import psutil
 
-        def up(pid: int) -> bool:
+        def status(pid: int) -> str:
             try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                return psutil.Process(pid).status()
             except psutil.Error:
-                return False
+                return "gone"
 
-        return {rank: up(pid) for pid, rank in self.ranks.items()}
+        states: dict[int, str] = {}
+        for pid, rank in self.ranks.items():  # a rank restarted in place has two pids: a live one wins
+            if states.get(rank) in (None, psutil.STATUS_ZOMBIE, "gone"):
+                states[rank] = status(pid)
+        return states
+
+    def _tick(self, now: float) -> list:
+        """The watch's decisions for this moment, from the processes and (once a second) the heartbeats."""
+        import psutil
+
+        states = self._states()
+        alive = {r: s not in (psutil.STATUS_ZOMBIE, "gone") for r, s in states.items()}
+        stopped = frozenset(r for r, s in states.items() if s == psutil.STATUS_STOPPED)
+        beats = self.hangs.read(now) if self.hangs is not None else None
+        actions = self.watch.tick(now, alive, beats, stopped)
+        if not actions and beats is not None and self.announcement is None:
+            self.announcement = self.hangs.announced()
+            if self.announcement is not None:
+                actions = self.watch.on_announced_stall(now)
+        return actions
 
     def _signal(self, sig: int, ranks: tuple[int, ...]) -> None:
         for pid, rank in list(self.ranks.items()):
@@ -158,7 +203,7 @@ class Supervisor:
             while proc.poll() is None:
                 time.sleep(0.2)
                 self._find_ranks(proc)
-                if self._act(proc, self.watch.tick(time.monotonic(), self._alive())):
+                if self._act(proc, self._tick(time.monotonic())):
                     break
             code = proc.wait()
         finally:
@@ -174,31 +219,74 @@ class Supervisor:
                 self.say(action.text)
             elif isinstance(action, SignalRanks):
                 self._signal(action.signum, action.ranks)
+            elif isinstance(action, CaptureStacks):
+                self._capture(action)
             elif isinstance(action, KillEverything):
                 self._kill_everything(proc)
                 return True
         return False
 
+    def _capture(self, action: CaptureStacks) -> None:
+        """Every local rank's stack, the other nodes' summaries (node 0), the stall report; never raises."""
+        if self.hangs is None:
+            return
+        pids = {rank: pid for pid, rank in self.ranks.items()}
+        try:
+            if action.announced:  # post this node's stacks, then leave node 0 the first kill and the verdict
+                posted = self.hangs.on_announcement(self.announcement or {}, pids)
+                self.stall = StallOutcome((*posted.lines, *self.hangs.conclusion(self.announcement or {})))
+            elif action.stall is not None:
+                reason = None if self.watch.killed_for == "stall" else self.watch.killed_for
+                self.stall = self.hangs.on_stall(action.stall, pids, newest_checkpoint(self.plan.output_dir), reason)
+        except Exception as e:  # noqa: BLE001 - a failed capture must not keep a hung job alive
+            self.say(f"capturing the stacks failed ({type(e).__name__}: {e}); stopping the job anyway")
+
     def _finish(self, code: int) -> int:
+        lines = self.stall.lines if self.stall is not None else None
         with self.lock:
-            v = verdict(self.output, self.watch, code, self.plan.node_rank, time.monotonic())
+            v = verdict(self.output, self.watch, code, self.plan.node_rank, time.monotonic(), lines,
+                        requeue_stall=self.stall is not None and self.stall.requeue)
             held = self.output.take_held()
         if v.show_held and held:
             self.stream.write("".join(redact(line) for line in held))
+        elif held:
+            self._keep_held(held)
         for line in v.lines:
             print(line, file=self.stream, flush=True)
         requeue = requeue_command(self.env, self.plan.node_rank) if v.requeue else None
         if requeue:
             done = subprocess.run(requeue, capture_output=True, text=True, timeout=60)
             self.say(f"SLURM: {' '.join(requeue)} -> exit {done.returncode}")
+        if self.stall is not None and self.hangs is not None:
+            self.hangs.conclude(self.stall)  # last: the other nodes exit on it, and srun then ends this one
         return v.exit_code
 
 
-def execute(plan: LaunchPlan, base_env: Mapping[str, str], stream: TextIO = sys.stderr) -> int:
-    """Run this node's launch under the supervisor; return its exit code (non-zero names the failed rank)."""
+    def _keep_held(self, held: list[str]) -> None:
+        """The launcher output kept off the console goes to output_dir/logs/launch-node<N>.log."""
+        path = Path(self.plan.output_dir) / "logs" / f"launch-node{self.plan.node_rank}.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("".join(redact(line) for line in held))
+        except OSError:
+            return
+        self.say(f"({len(held)} lines of accelerate/torchrun output about that exit: {path})")
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    from tune_launch.training.checkpoint import find_resume_checkpoint
+
+    found = find_resume_checkpoint(Path(output_dir), warn=False)
+    return found.name if found is not None else None
+
+
+def execute(plan: LaunchPlan, base_env: Mapping[str, str], stream: TextIO = sys.stderr, watchdog=None) -> int:
+    """Run this node's launch under the supervisor; return its exit code (non-zero names the failed rank).
+    `watchdog`: the YAML's `watchdog:` section (hang detection), None to run without it."""
     argv = build_command(plan)
     env = full_env(plan, base_env)
     for line in format_plan_header(plan).splitlines():
         print(f"[tune-launch] {line}", file=stream)
     print(f"[tune-launch] running: {redact(shell_quote(argv))}", file=stream, flush=True)
-    return Supervisor(plan, argv, env, stream).run()
+    return Supervisor(plan, argv, env, stream, watchdog=watchdog).run()

@@ -3,11 +3,14 @@
 Three pieces, each fed by the thin process loop in `launch/run.py` and testable with lists of strings:
 - `RankOutput.feed(line, now)`: the launch's stderr, line by line. It notes a rank's own failure line
   (`tune_launch.protocol`), torchrun's one-line failure record and its "Root Cause (first observed failure)"
-  block, and decides whether the line is shown now or held back: after a rank refused bad input in one
-  line, the launcher's traceback about that exit is noise, shown only if the verdict is something else.
-- `Watch.tick(now, alive)`: what to do next: pass a stop signal on to the ranks, kill the survivors of a
-  dead rank after `fail_fast_s`, give up after the grace period or a second stop signal.
-- `verdict(output, watch, code, node_rank, now)`: the exit code and the lines that end the launch.
+  block, and decides whether the line is shown now or held back: after a rank said in one line why it
+  failed or refused, the launcher's traceback about that exit is noise, shown only if the verdict is
+  something else (the loop keeps it in the node's launch log).
+- `Watch.tick(now, alive, beats, stopped)`: what to do next: pass a stop signal on to the ranks, kill the
+  survivors of a dead rank after `fail_fast_s`, give up after the grace period or a second stop signal, and,
+  from the ranks' heartbeats (`launch/stall.py`), capture every stack and end a job that stopped making
+  progress; a stop signal while a rank is stopped (SIGSTOP) ends the job at once: that rank cannot save.
+- `verdict(output, watch, code, node_rank, now, stall_lines)`: the exit code and the lines that end the launch.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import re
 import signal
 from dataclasses import dataclass, field
 
-from tune_launch.protocol import LAUNCHER_GRACE_MARGIN_S, parse_failure_line
+from tune_launch.launch.stall import Stall, StallTracker
+from tune_launch.protocol import EXIT_STALLED, LAUNCHER_GRACE_MARGIN_S, parse_failure_line
 
 FAIL_FAST_S = 5.0  # a dead rank's peers get this long to exit on their own before SIGKILL
 HARD_DEADLINE_S = 10.0  # after the survivors were killed: then everything in the launch's session goes
+SUSPENDED_GAP_S = 10.0  # a gap this long between two ticks: the launcher itself was stopped (a suspended job)
 TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
 SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
@@ -60,6 +65,7 @@ class RankOutput:
     processes_per_node: int = 1
     messages: dict[int, str] = field(default_factory=dict)  # rank -> its own one-line error, first one kept
     refusals: set[int] = field(default_factory=set)  # ranks whose line was a refusal of bad input
+    log_files: dict[int, str] = field(default_factory=dict)  # rank -> the log file holding its traceback
     exitcodes: dict[int, int] = field(default_factory=dict)  # rank -> exit code, from torchrun's report
     root_rank: int | None = None  # torchrun's "first observed failure"
     first_evidence: float | None = None
@@ -76,12 +82,14 @@ class RankOutput:
 
     def feed(self, line: str, now: float) -> bool:
         """Take one line of the launch's stderr; True when it is to be shown now, False when held back."""
-        show = not (self.refused and not TAGGED_LINE.match(line))
+        show = not (self.messages and not TAGGED_LINE.match(line))
         if not show:
             self.held.append(line)
         failure = parse_failure_line(line)
         if failure is not None:
             self.messages.setdefault(failure.rank, failure.detail)
+            if failure.log:
+                self.log_files.setdefault(failure.rank, failure.log)
             if failure.refused:
                 self.refusals.add(failure.rank)
             self.first_evidence = self.first_evidence or now
@@ -147,7 +155,15 @@ class KillEverything:
     reason: str
 
 
-Action = Say | SignalRanks | KillEverything
+@dataclass(frozen=True)
+class CaptureStacks:
+    """Ask every rank of this node for its stacks (before they are killed); `announced`: node 0 found the stall."""
+
+    stall: Stall | None
+    announced: bool = False
+
+
+Action = Say | SignalRanks | KillEverything | CaptureStacks
 
 
 @dataclass
@@ -163,15 +179,44 @@ class Watch:
     killed: set[int] = field(default_factory=set)  # ranks killed here (their exit is not a cause)
     killed_for: str | None = None
     hard_deadline: float | None = None
+    stalls: StallTracker | None = None  # None: hang detection off
+    stall_slack_s: float = 0.0  # nodes other than 0 leave node 0 the first word on a stall
+    stall: Stall | None = None
+    hung: bool = False  # the job was ended for a stall (or for a stopped rank that could not answer a stop)
+    last_tick: float | None = None
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_count += 1
         if self.stop_signal is None:
             self.stop_signal = signum
 
-    def tick(self, now: float, alive: dict[int, bool]) -> list[Action]:
-        """`alive`: every rank seen so far -> whether its process still runs."""
+    def on_announced_stall(self, now: float) -> list[Action]:
+        """Node 0 found the job stalled (a node other than 0 reads it from the shared run folder)."""
+        if self.killed_for is not None:
+            return []
+        self.killed_for, self.hung = "stall (found by node 0)", True
+        self.stall = self.stalls.snapshot(now) if self.stalls is not None else None
+        return [Say("node 0 found the job stalled: capturing this node's stacks, then stopping its ranks"),
+                CaptureStacks(self.stall, announced=True), KillEverything(self.killed_for)]
+
+    def tick(self, now: float, alive: dict[int, bool], beats: dict | None = None,
+             stopped: frozenset[int] = frozenset()) -> list[Action]:
+        """`alive`: every rank seen so far -> whether its process still runs; `beats`: heartbeats read now
+        (None between reads); `stopped`: ranks whose process is stopped (SIGSTOP)."""
         actions: list[Action] = []
+        if self.stalls is not None and self.last_tick is not None and now - self.last_tick > SUSPENDED_GAP_S:
+            self.stalls.shift(now - self.last_tick)  # the whole job was suspended, this launcher too
+        self.last_tick = now
+        if self.stalls is not None and beats:
+            self.stalls.observe(now, beats)
+        if self.stop_signal is not None and self.stop_sent_at is None and stopped and self.killed_for is None:
+            name = signal.Signals(self.stop_signal).name
+            ranks = ", ".join(str(r) for r in sorted(stopped))
+            self.killed_for = f"{name}: rank(s) {ranks} stopped (SIGSTOP) and cannot save a checkpoint"
+            self.hung = True
+            self.stall = self.stalls.snapshot(now) if self.stalls is not None else None
+            return [Say(f"{self.killed_for}: capturing the stacks, then stopping every rank at once"),
+                    CaptureStacks(self.stall), KillEverything(self.killed_for)]
         if self.stop_signal is not None and self.stop_sent_at is None:
             self.stop_sent_at = now
             actions += [Say(f"{signal.Signals(self.stop_signal).name}: asking every rank to save a checkpoint and stop "
@@ -193,6 +238,13 @@ class Watch:
                 actions.append(SignalRanks(signal.SIGKILL, survivors))  # torchrun then reports and exits on its own
         if self.hard_deadline is not None and now > self.hard_deadline:
             actions.append(KillEverything(self.killed_for or "survivors did not exit"))
+        if self.stalls is not None and self.stop_sent_at is None and self.killed_for is None and not self.gone:
+            stall = self.stalls.check(now, self.stall_slack_s)
+            if stall is not None:
+                self.stall, self.killed_for, self.hung = stall, "stall", True
+                actions += [Say(f"no rank made progress for {stall.idle_s:.0f} s (limit {stall.binding.limit_s:.0f} s): "
+                                "capturing every rank's stack, then stopping the job"),
+                            CaptureStacks(stall), KillEverything("stall")]
         return actions
 
 
@@ -203,11 +255,16 @@ class Verdict:
     exit_code: int
     lines: tuple[str, ...]  # printed after the held-back lines (if shown)
     show_held: bool = True
-    requeue: bool = False  # a stop by SIGTERM/USR1 under SLURM: node 0 requeues the job
+    requeue: bool = False  # a stop by SIGTERM/USR1 under SLURM (or a stall with on_stall: requeue): node 0 requeues
 
 
-def verdict(output: RankOutput, watch: Watch, code: int, node_rank: int, now: float) -> Verdict:
-    """The launch's exit code and last lines, from its exit status and everything observed."""
+def verdict(output: RankOutput, watch: Watch, code: int, node_rank: int, now: float,
+            stall_lines: tuple[str, ...] | None = None, requeue_stall: bool = False) -> Verdict:
+    """The launch's exit code and last lines, from its exit status and everything observed. `stall_lines`:
+    the loop's account of a stall (`launch/stall.py`) when the watch ended the job for one."""
+    if watch.hung:
+        lines = stall_lines or (f"tune-launch: error: the job stalled ({watch.killed_for}); no stacks were captured",)
+        return Verdict(EXIT_STALLED, tuple(lines), show_held=False, requeue=requeue_stall)
     code = 128 - code if code < 0 else code
     stop = watch.stop_signal
     if stop is not None and code == 0 and watch.killed_for is None:
@@ -224,11 +281,10 @@ def verdict(output: RankOutput, watch: Watch, code: int, node_rank: int, now: fl
             return Verdict(0, ())
         reason = watch.killed_for or exit_detail(code)
         return Verdict(code, (f"tune-launch: error: the launch failed ({reason}); see the rank logs above",))
-    lines = []
-    hold = f.refused and stop is None
-    if hold and output.held:
-        lines.append(f"[tune-launch] ({len(output.held)} lines of launcher traceback about that exit not shown)")
-    lines.append(f"tune-launch: error: rank {f.rank} (node {node_rank}) failed: {f.detail}; "
-                 f"every rank had exited {max(0.0, now - f.at):.1f} s later")
+    # the rank said why in its own line: the launcher's traceback about that exit is kept off the console
+    hold = f.rank in output.messages and stop is None
+    log = f"; traceback in {output.log_files[f.rank]}" if f.rank in output.log_files else ""
+    lines = [f"tune-launch: error: rank {f.rank} (node {node_rank}) failed: {f.detail}; "
+             f"every rank had exited {max(0.0, now - f.at):.1f} s later{log}"]
     # a rank that refused bad input (config, checkpoint) in one line: exit as for any bad input
     return Verdict(2 if f.refused else (code or 1), tuple(lines), show_held=not hold)

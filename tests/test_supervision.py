@@ -25,11 +25,12 @@ def feed(output: RankOutput, lines: list[str], now: float = 100.0) -> list[bool]
 
 def test_the_root_cause_is_named_not_the_peer_that_lost_its_connection():
     out = RankOutput(node_rank=0, processes_per_node=2)
-    assert all(feed(out, ROOT_CAUSE_LINES))
+    # after a rank's own failure line, torchrun's report is held back ...
+    assert feed(out, ROOT_CAUSE_LINES) == [True, True] + [False] * (len(ROOT_CAUSE_LINES) - 2)
     f = out.culprit(gone={}, killed=set(), now=101.0)
     assert (f.rank, f.detail, f.exitcode, f.refused) == (1, "killed by SIGKILL", -9, False)
     v = verdict(out, Watch(grace_s=120), code=1, node_rank=0, now=101.5)
-    assert v.exit_code == 1 and v.show_held
+    assert v.exit_code == 1 and v.show_held  # ... and shown: the culprit, rank 1, said nothing itself
     assert v.lines == ("tune-launch: error: rank 1 (node 0) failed: killed by SIGKILL; every rank had exited 1.5 s later",)
 
 
@@ -47,9 +48,8 @@ def test_a_refusal_holds_back_the_launchers_traceback_and_exits_2():
                        "12:00:01 [node0 rank0] INFO tune_launch: still tagged\n"])
     assert shown == [True, False, False, True]  # rank log lines keep flowing
     v = verdict(out, Watch(grace_s=120), code=1, node_rank=0, now=100.0)
-    assert v.exit_code == 2 and not v.show_held
-    assert v.lines[0] == "[tune-launch] (2 lines of launcher traceback about that exit not shown)"
-    assert v.lines[1].startswith("tune-launch: error: rank 0 (node 0) failed: ConfigError: checkpoint.resume: bad")
+    assert v.exit_code == 2 and not v.show_held and len(v.lines) == 1  # the loop keeps the held lines in a log file
+    assert v.lines[0].startswith("tune-launch: error: rank 0 (node 0) failed: ConfigError: checkpoint.resume: bad")
 
 
 def test_a_crash_line_is_not_a_refusal():

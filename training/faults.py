@@ -4,8 +4,11 @@
 
 at:  data (while the batch is collated), forward (in the model's forward), collective (this rank starts an
      all-reduce its peers never join, then fails inside it), save (between the model and optimizer files of
-     the first checkpoint at or after `step`), step (at the end of optimizer step `step`, after any save).
-how: kill (SIGKILL itself), raise (RuntimeError), exit (os._exit(3)), stop (SIGSTOP itself: a hung node).
+     the first checkpoint at or after `step`), step (at the end of optimizer step `step`, after any save),
+     prepare (when the data phase begins; `step` is seconds for slow).
+how: kill (SIGKILL itself), raise (RuntimeError), exit (os._exit(3)), stop (SIGSTOP itself: a hung node),
+     sleep (sleep forever: a rank stuck without dying, whose Python stack can still be dumped),
+     slow (prepare only: `step` seconds of slow but reported progress, then go on).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("tune_launch")
 FAULT_ENV = "TUNE_LAUNCH_FAULT"
-POINTS = ("data", "forward", "collective", "save", "step")
-HOWS = ("kill", "raise", "exit", "stop")
+POINTS = ("data", "forward", "collective", "save", "step", "prepare")
+HOWS = ("kill", "raise", "exit", "stop", "sleep", "slow")
 
 
 class FaultSpecError(ValueError):
@@ -51,6 +55,8 @@ class FaultSpec:
         at, how = fields.get("at", "forward"), fields.get("how", "kill")
         if at not in POINTS or how not in HOWS:
             raise FaultSpecError(f"{FAULT_ENV}: at must be one of {POINTS}, how one of {HOWS}")
+        if (how == "slow") != (at == "prepare"):
+            raise FaultSpecError(f"{FAULT_ENV}: how=slow goes with at=prepare (and only there)")
         try:
             return cls(rank=int(fields.get("rank", "0")), at=at, step=int(fields.get("step", "1")), how=how)
         except ValueError:
@@ -67,14 +73,48 @@ def fire(spec: FaultSpec, where: str) -> None:
     log.warning("%s: injecting '%s' at %s (rank %d, step %d)", FAULT_ENV, spec.how, where, spec.rank, spec.step)
     for h in logging.getLogger().handlers + log.handlers:
         h.flush()
+    from tune_launch import heartbeat
+
+    heartbeat.flush()  # the heartbeat shows where the fault hit, even when the process freezes right after
     if spec.how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif spec.how == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
     elif spec.how == "exit":
         os._exit(3)
+    elif spec.how == "sleep":
+        sleep_forever()
     else:
         raise InjectedFault(f"injected fault at {where} (rank {spec.rank}, step {spec.step})")
+
+
+def sleep_forever() -> None:
+    """A rank that hangs without dying: its threads (heartbeat pulse, stop watchdog) keep running."""
+    while True:
+        time.sleep(3600)
+
+
+def slow_preparation(seconds: int) -> None:
+    """A data phase that takes `seconds` but reports its progress every second (it must not count as a stall)."""
+    from tune_launch.heartbeat import report_progress
+
+    for done in range(seconds):
+        report_progress("data", done, seconds, detail="slow preparation (test fault)")
+        time.sleep(1.0)
+    report_progress("data", seconds, seconds)
+
+
+def at_phase(phase: str, env: Any = None) -> None:
+    """Called where a phase of the run begins: fires an `at=prepare` fault aimed at this rank."""
+    spec = from_environ(env)
+    if spec is None or spec.at != "prepare" or phase != "data":
+        return
+    from tune_launch.training.distributed import RankInfo
+
+    if RankInfo.from_environ(env).rank != spec.rank:
+        return
+    log.warning("%s: '%s' at the start of the data phase (rank %d, %d)", FAULT_ENV, spec.how, spec.rank, spec.step)
+    slow_preparation(spec.step) if spec.how == "slow" else fire(spec, "data preparation")
 
 
 def _collective(spec: FaultSpec) -> None:
@@ -93,7 +133,7 @@ def _collective(spec: FaultSpec) -> None:
 def install_faults(trainer: Any, rank: int, env: Any = None) -> FaultSpec | None:
     """Arm the fault on the rank it names; returns the spec (None when unset or for another rank)."""
     spec = from_environ(env)
-    if spec is None or spec.rank != rank:
+    if spec is None or spec.rank != rank or spec.at == "prepare":
         return None
     state = {"batches": 0, "forwards": 0}
     if spec.at == "data":

@@ -194,6 +194,24 @@ def _install_transformers(handlers: list[logging.Handler], level: int) -> None:
     _attach(logging.getLogger("transformers"), handlers, level)
 
 
+def log_traceback(exc: BaseException, message: str) -> str | None:
+    """Write `message` and the traceback to this node's log file only (the console gets one line per failed
+    rank) and return the file's path; on stderr when no log file is set up, so a traceback is never lost."""
+    logger = logging.getLogger(LOGGER_NAME)
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        import traceback
+
+        print(message, file=sys.stderr)
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        return None
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, (type(exc), exc, exc.__traceback__))
+    for h in files:
+        h.handle(record)
+        h.flush()
+    return files[0].baseFilename
+
+
 def close_logging(logger: logging.Logger) -> None:
     from tune_launch.training import console
 

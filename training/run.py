@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tune_launch import heartbeat
 from tune_launch.errors import TuneLaunchError
-from tune_launch.protocol import failure_line
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.distributed import RankInfo, barrier, teardown
+from tune_launch.training.heartbeats import phase, report_crash
 from tune_launch.training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
 
 log = logging.getLogger("tune_launch")
@@ -29,13 +30,14 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
     try:
         code = _run(cfg, info, out, logger, t_start)
         finished = True
+        heartbeat.finish("done")
         return code
     except TuneLaunchError as e:  # bad config or checkpoint: one line, and the line the supervisor reports
         log.error("%s", e)
-        print(failure_line(info.rank, e, refused=True), file=sys.stderr, flush=True)
+        report_crash(info.rank, e, refused=True)
         return 2
     except Exception as e:  # noqa: BLE001 - a crash on one rank: name it, and do not wait for peers that may be stuck
-        log.exception("rank %d failed: %s: %s", info.rank, type(e).__name__, e)
+        report_crash(info.rank, e)  # one line on the console, the traceback in the node's log file
         return 1
     finally:
         close_logging(logger)
@@ -78,6 +80,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
              "on" if settings.gradient_checkpointing else "off", "; ".join(settings.reasons))
     set_seed(cfg.seed)
 
+    phase("data")
     with args.main_process_first(local=False, desc="loading data"):
         train_parts, eval_parts = D.raw_splits(cfg)
     tok_dir = out / "tokenizer"
@@ -90,6 +93,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     else:
         train_ds = D.pretrain_dataset(train_parts, tokenizer, cfg)
         eval_ds = D.pretrain_dataset(eval_parts, tokenizer, cfg) if eval_parts else None
+    phase("model_load")
     model = build_model(cfg, tokenizer, settings, device)
     metrics = MetricsCallback(out, info.device, info.world_size)
     what_ran = WhatRanCallback()
@@ -109,6 +113,8 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     from tune_launch.training.trackers import install_trackers, resolve_identity
 
     install_trackers(trainer, resolve_identity(resume), out, _step_of(resume), os.environ)  # same W&B run / TB folder
+    if resume:
+        phase("model_load", f"resuming from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
         trainer.evaluate()

@@ -309,6 +309,29 @@ class HubConfig(_Section):
         return v
 
 
+class WatchdogConfig(_Section):
+    """Hang detection by the launcher (launch/stall.py): the job has stalled when no rank has made progress
+    for longer than its phase allows. A training step may take max(train_step_s, step_factor x the median
+    step) once `timed_steps` steps are timed, `first_steps_s` before; the other phases have their own limits,
+    counted from the last progress the phase reported (a data phase that reports progress never stalls).
+    On a stall every rank's stack is written to output_dir/logs/ and the launch exits 124; under SLURM
+    `on_stall: requeue` requeues the job instead (it resumes from the newest complete checkpoint)."""
+
+    enabled: bool = True
+    train_step_s: float = Field(60.0, gt=0)
+    step_factor: float = Field(10.0, gt=0)
+    timed_steps: int = Field(3, ge=1)
+    first_steps_s: float = Field(900.0, gt=0)  # compilation, autotuning, the first collectives
+    starting_s: float = Field(600.0, gt=0)  # imports and the process group's rendezvous
+    data_s: float = Field(1800.0, gt=0)
+    model_load_s: float = Field(3600.0, gt=0)  # a download of the weights, a resume's load
+    eval_s: float = Field(900.0, gt=0)  # between two evaluation batches
+    save_s: float = Field(1800.0, gt=0)
+    consolidate_s: float = Field(3600.0, gt=0)
+    on_stall: Literal["fail", "requeue"] = "fail"
+    capture_stacks: bool = True
+
+
 class TrainingConfig(_Section):
     """The whole training YAML."""
 
@@ -327,6 +350,7 @@ class TrainingConfig(_Section):
     consolidate: ConsolidateConfig = Field(default_factory=ConsolidateConfig)
     hub: HubConfig | None = None
     trainer: dict[str, Any] = Field(default_factory=dict)  # extra TrainingArguments / SFTConfig fields
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     output_dir: str = "outputs/run"
     seed: int = 42
 

@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from tune_launch import heartbeat
 from tune_launch.errors import TuneLaunchError
-from tune_launch.protocol import failure_line, grace_seconds
+from tune_launch.protocol import grace_seconds
 
 log = logging.getLogger("tune_launch")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -87,6 +88,7 @@ class GracefulStop(TrainerCallback):
             name = signal.Signals(signum).name
             if not self.started:
                 log.warning("rank %d: %s before the training loop: nothing to checkpoint, exiting", self.rank, name)
+                heartbeat.finish("stopped", detail=f"{name} before the training loop")
                 _flush()
                 self.exit_fn(128 + signum)
                 return
@@ -106,6 +108,7 @@ class GracefulStop(TrainerCallback):
         print(f"[tune-launch] rank {self.rank}: no clean stop within {self.grace_s:.0f} s of the signal "
               "(blocked in a collective or a long step); exiting, the newest complete checkpoint is kept",
               file=sys.stderr, flush=True)
+        heartbeat.finish("stopped", detail="no clean stop within the grace period")
         _flush()
         os._exit(143)
 
@@ -138,6 +141,7 @@ class GracefulStop(TrainerCallback):
                     self.rank, state.global_step, name)
         from tune_launch.training.distributed import teardown
 
+        heartbeat.finish("stopped", detail=f"checkpoint-{state.global_step} saved after {name}")
         teardown()
         _flush()
         self.exit_fn(0)
@@ -146,17 +150,17 @@ class GracefulStop(TrainerCallback):
 
 def install_fail_fast(trainer: Any, rank: int, exit_fn: Callable[[int], None] = os._exit) -> None:
     """An exception in the training loop ends this rank at once, naming it: no barrier or save with peers that
-    may be blocked mid-collective (that is how one failing rank used to hang the job until the collective timeout)."""
+    may be blocked mid-collective (that is how one failing rank used to hang the job until the collective timeout).
+    The console gets one line (rank, node, error, log file); the traceback goes to the node's log file."""
     train = trainer.train
 
     def train_or_exit(*args: Any, **kwargs: Any) -> Any:
         try:
             return train(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - every failure must end the rank, named
-            import traceback
+            from tune_launch.training.heartbeats import report_crash
 
-            traceback.print_exc()
-            print(failure_line(rank, exc, refused=isinstance(exc, TuneLaunchError)), file=sys.stderr, flush=True)
+            report_crash(rank, exc, refused=isinstance(exc, TuneLaunchError))
             _flush()
             exit_fn(1)
             raise

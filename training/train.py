@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tune_launch.training.config import ConfigError, check_device, load_config
 from tune_launch.training.distributed import RankInfo
+from tune_launch.training.heartbeats import start_rank_heartbeat
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    start_rank_heartbeat(cfg.output_dir, info)  # phase and progress for the launcher's stall detection
     offline_env(cfg, os.environ)
     from tune_launch.training.run import run
 

@@ -120,8 +120,10 @@ def build_trainer(cfg: TrainingConfig, info: RankInfo, args, model, tokenizer, t
     # tune-launch reliability (training/signals.py, training/faults.py): SIGTERM/SIGUSR1 -> checkpoint + clean exit;
     # an exception in train() ends the rank at once, named; TUNE_LAUNCH_FAULT arms a test-only fault (inert when unset).
     from tune_launch.training.faults import install_faults
+    from tune_launch.training.heartbeat_callback import install_heartbeat
     from tune_launch.training.signals import install_fail_fast, install_graceful_stop
 
+    install_heartbeat(trainer)  # steps, eval and saves to this rank's heartbeat (the launcher's stall detection)
     install_graceful_stop(trainer, info.rank)
     install_fail_fast(trainer, info.rank)
     install_faults(trainer, info.rank)
