@@ -6,6 +6,7 @@
     tune-launch profiles                                                              shipped profiles
     tune-launch submit train.yaml --nodes N ...                                       SLURM via submitit
     tune-launch consolidate CHECKPOINT OUT ...                                        shards -> safetensors
+    tune-launch prepare train.yaml [key.sub=value ...]                                tokenize + pack once, cached
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ if TYPE_CHECKING:  # the subcommands import what they need when they run: `tune-
     from tune_launch.launch.plan import LaunchPlan, LaunchRequest
     from tune_launch.training.schema import TrainingConfig
 
-SUBCOMMANDS = ("detect", "profiles", "plan", "submit", "consolidate", "run")
-EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate"}
+SUBCOMMANDS = ("detect", "profiles", "plan", "submit", "consolidate", "prepare", "run")
+EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate",
+            "prepare": "tune_launch.launch.prepare"}
 
 
 def add_launch_arguments(p: argparse.ArgumentParser, *, planning: bool = False) -> None:
