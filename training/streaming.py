@@ -257,12 +257,24 @@ class StreamingTrainerMixin:
             consumed = self.state.global_step * a.gradient_accumulation_steps * a.per_device_train_batch_size  # type: ignore[attr-defined]
             ds.save_position(Path(output_dir), consumed, a.per_device_train_batch_size, a.gradient_accumulation_steps)
 
+    _rng_after_first_fetch: str | None = None
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):  # type: ignore[override]
         ds = self.train_dataset  # type: ignore[attr-defined]
         if isinstance(ds, PackedStream) and resume_from_checkpoint:
             a = self.args  # type: ignore[attr-defined]
             ds.load_position(Path(resume_from_checkpoint), a.per_device_train_batch_size, a.gradient_accumulation_steps)
+            self._rng_after_first_fetch = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def get_batch_samples(self, *args, **kwargs):  # type: ignore[override]
+        """Creating the dataloader iterator draws from torch's RNG: restore the checkpoint's RNG after the first
+        fetch, as the Trainer does after skipping batches on the map-style path, so dropout continues exactly."""
+        out = super().get_batch_samples(*args, **kwargs)  # type: ignore[misc]
+        if self._rng_after_first_fetch is not None:
+            self._load_rng_state(self._rng_after_first_fetch)  # type: ignore[attr-defined]
+            self._rng_after_first_fetch = None
+        return out
 
 
 def preview_rows(dataset, n: int) -> list[dict[str, Any]]:
