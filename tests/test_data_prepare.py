@@ -255,3 +255,45 @@ def test_every_format_reads_the_same_documents(tmp_path):
         assert got == texts, name
     limited = [t for b in source_batches(DataSource(path=str(tmp_path / "a.jsonl"), max_samples=1200)) for t in b.texts]
     assert limited == texts[:1200]
+
+
+# --------------------------------------------------------------------------- SFT: TRL prepares once, Arrow end to end
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat"])
+def test_sft_cache_holds_what_sfttrainer_itself_would_prepare(fmt, tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tune_launch.training import synthetic
+    from tune_launch.training.data import to_sft_row
+    from tune_launch.training.schema import DataSource
+
+    cfg = validate_config({"model": {"name_or_path": str(tiny_model_dir)}, "task": "sft", "max_length": 128,
+                           "data": {"generate": {"kind": fmt, "train_samples": 40, "eval_samples": 6},
+                                    "cache_dir": str(tmp_path / "cache")}, "output_dir": str(tmp_path / "out")})
+    args = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_length=128, packing=True,
+                completion_only_loss=True, dataset_text_field="text")
+    prepared = prepare_data(cfg, {}, sft_args=SFTConfig(**args, dataset_kwargs={"skip_prepare_dataset": True}))
+    train, ev = prepared.datasets()
+    rows, _ = synthetic.generate(fmt, 40, 6, 0)
+    src = DataSource(name="synthetic", format=fmt)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    own = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=SFTConfig(**args),
+                     train_dataset=Dataset.from_list([to_sft_row(r, fmt, src) for r in rows]), processing_class=tok)
+    assert train.column_names == own.train_dataset.column_names and len(ev) > 0
+    assert train.to_dict() == own.train_dataset.to_dict()
+    assert (prepared.entry / "train" / "dataset_info.json").is_file()  # Arrow on disk, mapped by every rank
+    assert prepare_data(cfg, {}, sft_args=SFTConfig(**args, dataset_kwargs={"skip_prepare_dataset": True})).hit
+
+
+def test_sft_bad_row_names_the_file_and_row(tiny_model_dir, tmp_path):
+    rows = [{"instruction": "add", "input": "one two", "output": "three"}] * 5 + [{"instruction": "add", "input": "x"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = validate_config({"model": {"name_or_path": str(tiny_model_dir)}, "task": "sft", "max_length": 128,
+                           "data": {"train": {"path": str(tmp_path / "a.jsonl"), "format": "alpaca"},
+                                    "cache_dir": str(tmp_path / "cache")}, "output_dir": str(tmp_path / "out")})
+    from trl import SFTConfig
+
+    with pytest.raises(DataError, match=r"a.jsonl: row 5: no field 'output' \(fields: input, instruction\)"):
+        prepare_data(cfg, {}, sft_args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, max_length=128))

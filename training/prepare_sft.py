@@ -30,11 +30,20 @@ def prep_settings(args) -> dict[str, Any]:
     return {f: getattr(args, f, None) for f in PREP_FIELDS}
 
 
+def _required(fmt: str, src: DataSource) -> tuple[str, ...]:
+    return {"alpaca": ("instruction", "output"), "chat": (src.messages_field,)}.get(fmt, (src.text_field,))
+
+
 def _format_batch(batch: dict[str, list], indices: list[int], fmt: str, src: DataSource, label: str) -> dict[str, list]:
     keys = list(batch)
     out: dict[str, list] = {}
     for i, values in zip(indices, zip(*batch.values())):
         row = dict(zip(keys, values))
+        for field in _required(fmt, src):  # Arrow fills a field missing from some rows with null
+            if row.get(field) is None:
+                fields = ", ".join(sorted(k for k, v in row.items() if v is not None)[:8])
+                raise DataError(f"{label}: row {i}: no field '{field}' (fields: {fields}); fix the row or the "
+                                f"source's format ({fmt})")
         try:
             formatted = to_sft_row(row, fmt, src)
         except KeyError as e:
@@ -72,6 +81,12 @@ def sft_rows(cfg: TrainingConfig, build: Path, hubs: dict[int, Any]):
     """(train, eval) Arrow datasets of TRL-shaped rows (eval may be None)."""
     from datasets import Dataset, concatenate_datasets
 
+    import sys
+
+    import datasets
+
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # a log file gets the summary line, not a bar per map
     d = cfg.data
     num_proc = d.num_proc
     if d.generate is not None:
