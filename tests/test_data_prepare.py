@@ -297,3 +297,53 @@ def test_sft_bad_row_names_the_file_and_row(tiny_model_dir, tmp_path):
 
     with pytest.raises(DataError, match=r"a.jsonl: row 5: no field 'output' \(fields: input, instruction\)"):
         prepare_data(cfg, {}, sft_args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, max_length=128))
+
+
+# --------------------------------------------------------------------------- one preparer per job
+
+def test_who_prepares_depends_on_whether_the_cache_is_shared():
+    from tune_launch.training.coordinate import choose_role
+    from tune_launch.training.distributed import RankInfo
+
+    def rank(r, local, node):
+        return RankInfo(rank=r, local_rank=local, world_size=4, local_world_size=2, node_rank=node, num_nodes=2)
+
+    shared = [choose_role(rank(r, r % 2, r // 2), True) for r in range(4)]
+    assert [x.prepares for x in shared] == [True, False, False, False] and {x.scope for x in shared} == {"job"}
+    local = [choose_role(rank(r, r % 2, r // 2), False) for r in range(4)]
+    assert [x.prepares for x in local] == [True, False, True, False]
+    assert [x.scope for x in local] == ["node0", "node0", "node1", "node1"]
+    assert local[3].preparer == "local rank 0 of node 1"
+    one_node = RankInfo(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    assert not choose_role(one_node, False).prepares and choose_role(one_node, False).scope == "job"
+
+
+def test_looks_shared_reads_the_mount_table(tmp_path):
+    from tune_launch.filesystems import looks_shared
+
+    (tmp_path / "local").mkdir()
+    mounts = f"/dev/vda / ext4 rw 0 0\nfs:/export {tmp_path} nfs4 rw 0 0\n/dev/vdb {tmp_path / 'local'} xfs rw 0 0\n"
+    assert looks_shared(tmp_path / "cache" / "not-made-yet", {}, mounts)  # judged by the folder it will be made in
+    assert not looks_shared(tmp_path / "local" / "cache", {}, mounts)
+    assert looks_shared(tmp_path / "local" / "cache", {"TUNE_LAUNCH_SHARED_FS": "1"}, mounts)
+
+
+def test_a_stuck_preparer_is_named_when_the_wait_runs_out(tmp_path):
+    from tune_launch.training.coordinate import wait_for_signal, write_signal
+
+    t0 = __import__("time").monotonic()
+    with pytest.raises(DataError, match=r"waited \d+ s for rank 0 \(node 0\) to prepare the data "
+                                        r"\(data.prepare_timeout 1 s\).*tune-launch prepare"):
+        wait_for_signal(tmp_path / "s.json", 1, "rank 0 (node 0)", poll=0.05)
+    assert __import__("time").monotonic() - t0 < 5
+    write_signal(tmp_path / "s.json", {"status": "ready", "entry": "x"})
+    assert wait_for_signal(tmp_path / "s.json", 1, "rank 0", poll=0.05)["entry"] == "x"
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_rows(corpus, tiny_model_dir, tmp_path):
+    one = prepare_data(make_cfg(corpus, tiny_model_dir, tmp_path / "a"), {}, bar=False)
+    two = prepare_data(make_cfg(corpus, tiny_model_dir, tmp_path / "b", num_proc=2), {}, bar=False)
+    assert one.key == two.key  # data.num_proc does not change the result, so not the key either
+    a, b = one.entry / "train.rows.bin", two.entry / "train.rows.bin"
+    assert a.read_bytes() == b.read_bytes() and not (two.entry / "worker-tokenizer").exists()
