@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class PreparedData:
     tokenizer_dir: Path | None  # the tokenizer trained for this data (tokenizer.train_vocab_size), in the cache
     info: dict[str, Any]
     seconds: float
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # loaded here already (this process only)
 
     def datasets(self):
         """(train, eval or None), memory-mapped."""
@@ -168,10 +169,10 @@ def _pretrain_sample(cfg: TrainingConfig, hubs: dict[int, Any]):
 
             g = cfg.data.generate
             rows = synthetic.generate(g.kind, g.train_samples, g.eval_samples, g.seed)[0]
-            from tune_launch.training.sources import _prefix
+            from tune_launch.training.sources import prefix_texts
             from tune_launch.training.prepare_text import generated_batches
 
-            return _prefix(generated_batches(rows, "generated")(), budget)
+            return prefix_texts(generated_batches(rows, "generated")(), budget)
         train = cfg.data.train or []
         share = budget // len(train)
         return [t for s in train for t in (sample_texts(s, share, hubs.get(id(s))) if id(s) in hubs or s.path is not None
@@ -225,7 +226,8 @@ def prepare_data(cfg: TrainingConfig, env: Mapping[str, str] | None = None, sft_
     tok_dir = root / f"tokenizer-{trained_key}" if trained_key else None
     problem = C.verify(entry) if entry.exists() else "absent"
     if problem is None and (tok_dir is None or C.verify(tok_dir) is None):
-        done = PreparedData(entry, key, True, cfg.task, tok_dir, C.read_manifest(entry)["info"], time.perf_counter() - t0)
+        done = PreparedData(entry, key, True, cfg.task, tok_dir, C.read_manifest(entry)["info"], time.perf_counter() - t0,
+                            tokenizer)
         log.info("data cache hit: key %s, %s (verified in %.1f s)", key, entry, done.seconds)
     else:
         if problem not in (None, "absent"):
@@ -233,7 +235,7 @@ def prepare_data(cfg: TrainingConfig, env: Mapping[str, str] | None = None, sft_
             C.discard(entry, "corrupt")
         log.info("data cache miss: key %s, preparing %s", key, entry)
         info, tok_dir = _build(cfg, root, key, entry, hubs, tokenizer, trained_key, sft_args, bar)
-        done = PreparedData(entry, key, False, cfg.task, tok_dir, info, time.perf_counter() - t0)
+        done = PreparedData(entry, key, False, cfg.task, tok_dir, info, time.perf_counter() - t0, tokenizer)
         log.info("data prepared: key %s, %s (%.1f s)", key, entry, done.seconds)
     ck = config_key(cfg, env)
     if ck is not None:

@@ -115,7 +115,7 @@ def run_data(cfg: TrainingConfig, info: RankInfo, out: Path, sft_args):
     from tune_launch.training.model import load_tokenizer
 
     prepared = prepared_for_run(cfg, info, sft_args=sft_args)
-    tokenizer = load_tokenizer(cfg, prepared.tokenizer_dir)
+    tokenizer = prepared.tokenizer or load_tokenizer(cfg, prepared.tokenizer_dir)
     if prepared.tokenizer_dir is not None and info.is_main:
         tokenizer.save_pretrained(str(out / "tokenizer"))  # beside the run, as before (consolidation looks there)
     train_ds, eval_ds = prepared.datasets()

@@ -313,13 +313,13 @@ def sample_texts(src: DataSource, budget: int, hub_ds=None) -> list[str]:
             if kind_of(f) in ("jsonl", "txt") and f.suffix.lower() != ".gz" and size > share:
                 texts += _windows(f, kind_of(f), src.text_field, share, size)
             else:
-                texts += _prefix(file_batches(f, src.text_field), share)
+                texts += prefix_texts(file_batches(f, src.text_field), share)
     else:
-        texts += _prefix(hub_batches(hub_ds, src), budget)
+        texts += prefix_texts(hub_batches(hub_ds, src), budget)
     return texts[: src.max_samples] if src.max_samples else texts
 
 
-def _prefix(batches: Iterator[TextBatch], budget: int) -> list[str]:
+def prefix_texts(batches: Iterator[TextBatch], budget: int) -> list[str]:
     out: list[str] = []
     used = 0
     for batch in batches:
