@@ -57,6 +57,8 @@ class PreparedData:
             if i.get("packing") and "padding" in s:
                 parts.append(f"{100 * s['padding']:.2f}% padding")
             lines.append(f"  {name}: " + ", ".join(parts))
+        if i.get("streaming"):
+            lines.append("  train: streamed while training (data.streaming), nothing to prepare")
         if not self.hit and i.get("tokens_per_second"):
             lines.append(f"  {i['tokenized']:,} tokens in {i['seconds']:.1f} s ({i['tokens_per_second']:,.0f} tokens/s)")
         if self.tokenizer_dir is not None:
@@ -211,17 +213,7 @@ def prepare_data(cfg: TrainingConfig, env: Mapping[str, str] | None = None, sft_
         from tune_launch.training.model import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
-    parts: dict[str, Any] = {"v": C.PREP_VERSION, "task": cfg.task, "sources": sources,
-                             "tokenizer": {"trained": trained_key} if trained_key else tokenizer_fingerprint(tokenizer),
-                             "max_length": cfg.max_length, "packing": cfg.packing, "seed": cfg.seed,
-                             "eval_fraction": cfg.data.eval_fraction, "streaming": cfg.data.streaming}
-    if cfg.task == "sft":
-        import trl
-
-        from tune_launch.training.prepare_sft import prep_settings
-
-        parts.update(trl=trl.__version__, sft=prep_settings(_sft_args(cfg, sft_args)))
-    key = C.digest(parts)
+    key = data_key(cfg, sources, {"trained": trained_key} if trained_key else tokenizer_fingerprint(tokenizer), sft_args)
     entry = root / f"{cfg.task}-{key}"
     tok_dir = root / f"tokenizer-{trained_key}" if trained_key else None
     problem = C.verify(entry) if entry.exists() else "absent"
@@ -241,6 +233,21 @@ def prepare_data(cfg: TrainingConfig, env: Mapping[str, str] | None = None, sft_
     if ck is not None:
         C.record_index(root, ck, entry)
     return done
+
+
+def data_key(cfg: TrainingConfig, sources: dict[str, Any], tokenizer: Any, sft_args) -> str:
+    """The entry's name: a hash of everything that changes the prepared rows (see the module docstring of
+    training/datacache.py), and nothing else (not data.num_proc, cache_dir or prepare_timeout)."""
+    parts: dict[str, Any] = {"v": C.PREP_VERSION, "task": cfg.task, "sources": sources, "tokenizer": tokenizer,
+                             "max_length": cfg.max_length, "packing": cfg.packing, "seed": cfg.seed,
+                             "eval_fraction": cfg.data.eval_fraction, "streaming": cfg.data.streaming}
+    if cfg.task == "sft":
+        import trl
+
+        from tune_launch.training.prepare_sft import prep_settings
+
+        parts.update(trl=trl.__version__, sft=prep_settings(_sft_args(cfg, sft_args)))
+    return C.digest(parts)
 
 
 def _sft_args(cfg: TrainingConfig, sft_args):

@@ -108,7 +108,7 @@ def write_pretrain(cfg: TrainingConfig, tokenizer, parts: list[Part], build: Pat
     for w in writers.values():
         files.update(w.close())
     summary = {"splits": {s: w.stats() for s, w in writers.items()}, "max_length": cfg.max_length,
-               "packing": cfg.packing, "dtype": dtype.name, "read_documents": progress.docs,
+               "packing": cfg.packing, "dtype": dtype.name, "read_documents": progress.docs, "streaming": cfg.data.streaming,
                "tokenized": progress.tokens, "seconds": progress.seconds, "tokens_per_second": progress.tokens_per_second}
     if not cfg.data.streaming and not (writers.get("train") and writers["train"].rows):
         from tune_launch.training.sources import DataError

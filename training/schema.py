@@ -157,7 +157,7 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     prepare_timeout: int = Field(6 * 3600, gt=0)  # seconds the other ranks wait for the one preparing the data
     streaming: bool = False
-    stream_buffer_rows: int = Field(64, gt=0)  # streaming: rows' worth of tokens packed together (best fit)
+    stream_buffer_rows: int = Field(256, gt=0)  # streaming: rows' worth of tokens packed together (best fit; 256: < 0.3% padding)
 
     @field_validator("train", "eval", mode="before")
     @classmethod
