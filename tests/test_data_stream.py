@@ -108,3 +108,18 @@ def test_streaming_schema_rules():
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             v({**base, **change})
+
+
+def test_a_dataset_by_name_is_streamed_and_split_between_ranks(stream_corpus, tiny_model_dir, tmp_path):
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(stream_corpus.read_text())
+    cfg = validate_config({"model": {"name_or_path": str(tiny_model_dir)}, "task": "pretrain", "max_length": 64,
+                           "data": {"train": {"name": str(folder)}, "streaming": True}, "train": {"max_steps": 3}})
+    units = all_units(cfg, 2)
+    assert [u.kind for u in units] == ["hub"]
+    texts = [[t for _, t in read_unit(units[0], None, cfg, r, 2)] for r in (0, 1)]
+    assert len(texts[0]) + len(texts[1]) == 600 and not set(texts[0]) & set(texts[1])
+    position, _ = next(iter(read_unit(units[0], None, cfg, 0, 2)))  # the stream's own resumable state
+    rest = [t for _, t in read_unit(units[0], position, cfg, 0, 2)]
+    assert rest == texts[0][1:]
