@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-sft test test-fast bench-consolidate clean
+.PHONY: setup demo demo-sft test test-fast bench-consolidate bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS) tests
 
 bench-consolidate: setup
-	0PY) -m bench.consolidate
+	$(PY) -m bench.consolidate
+
+bench-data: setup
+	$(PY) -m bench.data
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -73,7 +74,8 @@ def train_yaml(work: Path, name: str, corpus: Path, tok: Path, cache: Path) -> P
            "tokenizer": {"name_or_path": str(tok)}, "task": "pretrain", "max_length": MAX_LENGTH, "packing": True,
            "data": {"train": [{"path": str(corpus)}], "cache_dir": str(cache)},
            "train": {"micro_batch_size": 1, "max_steps": 1, "precision": "fp32", "gradient_checkpointing": False},
-           "logging": {"logging_steps": 1}, "checkpoint": {"save_steps": 1000, "save_final_model": False},
+           "logging": {"logging_steps": 1, "log_level_replica": "info"},  # rank 1 says when it has the data
+           "checkpoint": {"save_steps": 1000, "save_final_model": False},
            "output_dir": str(work / "runs" / name), "seed": 0}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -116,10 +118,10 @@ def run_child(argv: list[str], watch: tuple[str, ...] = (), on_line=None) -> dic
             "load_after": os.getloadavg(), "output": text}
 
 
-def _sample_hwm(watch: tuple[str, ...], peaks: dict[int, int], done: threading.Event) -> None:
+def _sample_hwm(watch: tuple[str, ...], peaks: dict[int, int], done: threading.Event, once: bool = False) -> None:
     import psutil
 
-    while not done.is_set():
+    while once or not done.is_set():
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 line = " ".join(p.info["cmdline"] or [])
@@ -130,6 +132,8 @@ def _sample_hwm(watch: tuple[str, ...], peaks: dict[int, int], done: threading.E
                     peaks[p.pid] = max(peaks.get(p.pid, 0), kib)
             except (OSError, AttributeError, psutil.Error):
                 pass
+        if once:
+            return
         done.wait(0.2)
 
 
@@ -151,13 +155,13 @@ def measure_prepare(work: Path, corpus: Path, tok: Path, cache: Path) -> dict:
             "tokens_per_s": info["tokenized"] / r["wall_s"]}
 
 
-def measure_ceiling(corpus: Path, tok: Path) -> dict:
-    r = run_child([PY, "-m", "bench.data", "_ceiling", str(corpus), str(tok)])
+def measure_ceiling(corpus: Path, tok: Path, hf_every: int) -> dict:
+    r = run_child([PY, "-m", "bench.data", "_ceiling", str(corpus), str(tok), str(hf_every)])
     return {**last_json(r.pop("output")), "load_before": r["load_before"], "load_after": r["load_after"]}
 
 
 def mean_ceiling(a: dict, b: dict) -> dict:
-    out = {k: (a[k] + b[k]) / 2 for k in ("encode_batch_fast_ids_s", "hf_call_s")}
+    out = {k: statistics.mean(x[k] for x in (a, b) if x.get(k)) for k in ("encode_batch_fast_ids_s", "hf_call_s")}
     out.update(tokens=a["tokens"], documents=a["documents"], samples=[a, b],
                tokens_per_s_fast=a["tokens"] / out["encode_batch_fast_ids_s"], tokens_per_s_hf=a["tokens"] / out["hf_call_s"])
     return out
@@ -189,19 +193,40 @@ def measure_second_run(work: Path, corpus: Path, tok: Path, cache: Path) -> dict
 
 
 def measure_rehearsal(work: Path, corpus: Path, tok: Path, cache: Path) -> dict:
+    """Two ranks into an empty cache. Each rank's peak RSS is also taken when both have their data (before the
+    model exists), since a training step's logits (2048 x 32k vocabulary) dominate the final peak."""
     shutil.rmtree(cache, ignore_errors=True)
     cfg = train_yaml(work, "rehearsal", corpus, tok, cache)
+    watch = ("tune_launch.training.train", str(cfg))
+    at_data: dict[str, list] = {}
+
+    def on_line(line: str, t: float) -> None:
+        if re.search(r"\] INFO tune_launch: (data prepared|data: ready after)", line):
+            at_data.setdefault("events", []).append(t)
+            if len(at_data["events"]) == 2:
+                at_data["rss"] = _hwm_now(watch)
+
     r = run_child([PY, "-m", "tune_launch.launch.cli", "--cpu", "--num-processes", "2", "--profile", "ddp", str(cfg)],
-                  watch=("tune_launch.training.train", str(cfg)))
+                  watch=watch, on_line=on_line)
     text = r.pop("output")
     preparers = sorted(set(re.findall(r"\[node\d+ rank(\d+)\] INFO tune_launch: data cache miss", text)))
-    return {**r, "preparing_ranks": [int(x) for x in preparers], "tokenized_once": preparers == ["0"]}
+    return {**r, "rank_peak_rss_after_data_gib": at_data.get("rss"), "data_ready_at_s": at_data.get("events"),
+            "preparing_ranks": [int(x) for x in preparers], "tokenized_once": preparers == ["0"]}
+
+
+def _hwm_now(watch: tuple[str, ...]) -> list[float]:
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+    done.set()
+    _sample_hwm(watch, peaks, done, once=True)
+    return sorted(v / 2**20 for v in peaks.values())
 
 
 # --------------------------------------------------------------------------- children
 
-def child_ceiling(corpus: str, tok_dir: str) -> None:
-    """Time only the tokenizer calls, batch by batch, over every text of the corpus."""
+def child_ceiling(corpus: str, tok_dir: str, hf_every: str = "1") -> None:
+    """Time only the tokenizer calls, batch by batch, over every text of the corpus (the HF call on every
+    `hf_every`-th batch, scaled to the whole corpus by tokens: at 250M tokens it would double the run)."""
     from transformers import AutoTokenizer
 
     from tune_launch.training.schema import DataSource
@@ -222,18 +247,24 @@ def child_ceiling(corpus: str, tok_dir: str) -> None:
     def hf_ids(texts):
         return tok(texts, add_special_tokens=False)["input_ids"]
 
+    every = int(hf_every)
+    hf_tokens = 0
     for i, batch in enumerate(source_batches(DataSource(path=corpus))):
-        if i % 2:  # alternate which call goes first, so neither always meets the warmer caches
+        t_hf = 0.0
+        if i % every:
+            ids, t_fast = timed(fast_ids, batch.texts)
+        elif i % (2 * every):  # alternate which call goes first, so neither always meets the warmer caches
             _, t_hf = timed(hf_ids, batch.texts)
             ids, t_fast = timed(fast_ids, batch.texts)
         else:
             ids, t_fast = timed(fast_ids, batch.texts)
             _, t_hf = timed(hf_ids, batch.texts)
-        fast, hf = fast + t_fast, hf + t_hf
-        tokens += sum(map(len, ids))
-        docs += len(ids)
-    print(json.dumps({"encode_batch_fast_ids_s": fast, "hf_call_s": hf, "tokens": tokens, "documents": docs,
-                      "tokens_per_s_fast": tokens / fast, "tokens_per_s_hf": tokens / hf}, indent=1))
+        n = sum(map(len, ids))
+        fast, hf, tokens, docs = fast + t_fast, hf + t_hf, tokens + n, docs + len(ids)
+        hf_tokens += n if t_hf else 0
+    hf = hf * tokens / max(hf_tokens, 1)
+    print(json.dumps({"encode_batch_fast_ids_s": fast, "hf_call_s": hf, "hf_sampled_every": every, "tokens": tokens,
+                      "documents": docs, "tokens_per_s_fast": tokens / fast, "tokens_per_s_hf": tokens / hf}, indent=1))
 
 
 def child_previous(corpus: str, tok_dir: str) -> None:
@@ -283,10 +314,12 @@ def table(sizes: dict) -> str:
                          "tps": p["tokens"] / v["wall_s"] / 1e6, "rss": v["peak_rss_gib"], "note": "one process"})
         rows.append({"size": "", "path": "second run (cache hit)", "wall": sr["command_to_first_step_s"],
                      "note": f"data phase {sr['data_phase_s']:.2f} s; wall = command to first step"})
+        after_data = ", ".join(f"{x:.2f}" for x in rh["rank_peak_rss_after_data_gib"] or [])
         rows.append({"size": "", "path": "2-process rehearsal", "wall": rh["wall_s"],
                      "rss": max(rh["rank_peak_rss_gib"] or [0]),
-                     "note": f"{rh['cpu_s']:.0f} CPU s; ranks {', '.join(f'{x:.2f}' for x in rh['rank_peak_rss_gib'])} GiB; "
-                             f"preparing ranks {rh['preparing_ranks']}"})
+                     "note": f"{rh['cpu_s']:.0f} CPU s (prepare alone: {p['cpu_s']:.0f}); ranks' peaks {after_data} GiB "
+                             f"with the data ready, {', '.join(f'{x:.2f}' for x in rh['rank_peak_rss_gib'])} GiB after "
+                             f"a 2048-token step; preparing ranks {rh['preparing_ranks']}"})
     return C.markdown_table(rows, [("size", "corpus", ""), ("path", "what", ""), ("wall", "wall (s)", ".1f"),
                                    ("tps", "M tokens/s", ".2f"), ("rss", "peak RSS (GiB)", ".2f"),
                                    ("pad", "padding %", ".2f"), ("note", "", "")])
@@ -295,7 +328,7 @@ def table(sizes: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ceiling":
-        child_ceiling(*argv[1:3])
+        child_ceiling(*argv[1:4])
         return 0
     if argv and argv[0] == "_previous":
         child_previous(*argv[1:3])
@@ -321,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench.data] {name}: {corpus.name} ({stats['bytes'] / 1e6:.0f} MB)", flush=True)
         s: dict = {"corpus": {**stats, "path": str(corpus)}}
         cache = work / "cache" / name
-        before = measure_ceiling(corpus, tok)  # the machine is shared: the ceiling before and after, averaged
+        every = 1 if target <= 50e6 else 4
+        before = measure_ceiling(corpus, tok, every)  # the machine is shared: the ceiling before and after, averaged
         s["prepare"] = measure_prepare(work, corpus, tok, cache)
-        after = measure_ceiling(corpus, tok)
+        after = measure_ceiling(corpus, tok, every)
         s["ceiling"] = mean_ceiling(before, after)
         if target <= args.previous_max:
             s["previous"] = measure_previous(corpus, tok)

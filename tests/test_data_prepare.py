@@ -259,6 +259,7 @@ def test_every_format_reads_the_same_documents(tmp_path):
 
 # --------------------------------------------------------------------------- SFT: TRL prepares once, Arrow end to end
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["alpaca", "chat"])
 def test_sft_cache_holds_what_sfttrainer_itself_would_prepare(fmt, tiny_model_dir, tmp_path):
     from datasets import Dataset
