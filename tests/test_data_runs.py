@@ -9,7 +9,7 @@ import re
 import pytest
 
 from conftest import check_ok, launch, report, write_yaml
-from tune_launch.training.trainer import KILL_ENV
+from tune_launch.training.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 MODEL = {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -82,7 +82,7 @@ def test_streaming_killed_mid_epoch_resumes_exactly(tmp_path):
     want = report(tmp_path / "full")
 
     cfg = run_yaml(tmp_path, "killed", data)
-    killed = launch(cfg, processes=2, profile="ddp", env={KILL_ENV: "5"})
+    killed = launch(cfg, processes=2, profile="ddp", env={FAULT_ENV: "at=step,step=5,how=kill"})
     out = tmp_path / "killed"
     assert killed.returncode != 0 and not (out / "run_report.json").exists()
     positions = sorted(p.name for p in (out / "checkpoint-3" / "data_position").iterdir())

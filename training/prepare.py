@@ -255,10 +255,13 @@ def _sft_args(cfg: TrainingConfig, sft_args):
         return sft_args
     from trl import SFTConfig
 
+    from tune_launch.profiles import get_profile
     from tune_launch.training.distributed import RankInfo
+    from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import arguments
 
-    return SFTConfig(**arguments(cfg, RankInfo(), sft=True))
+    device = DeviceFacts.probe("cpu")  # what TRL's preparation depends on is the same on every device
+    return SFTConfig(**arguments(cfg, RankInfo(), True, resolve_settings(cfg, device, get_profile("cpu")), device))
 
 
 def _build(cfg, root, key, entry, hubs, tokenizer, trained_key, sft_args, bar):

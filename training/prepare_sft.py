@@ -31,21 +31,25 @@ def prep_settings(args) -> dict[str, Any]:
 
 
 def _required(fmt: str, src: DataSource) -> tuple[str, ...]:
+    """Fields a row cannot do without (a template names its own, and renders a null as empty)."""
+    if src.template is not None:
+        return ()
     return {"alpaca": ("instruction", "output"), "chat": (src.messages_field,)}.get(fmt, (src.text_field,))
 
 
 def _format_batch(batch: dict[str, list], indices: list[int], fmt: str, src: DataSource, label: str) -> dict[str, list]:
     keys = list(batch)
     out: dict[str, list] = {}
+    needed = _required(fmt, src)
     for i, values in zip(indices, zip(*batch.values())):
         row = dict(zip(keys, values))
-        for field in _required(fmt, src):  # Arrow fills a field missing from some rows with null
+        for field in needed:  # Arrow fills a field missing from some rows with null
             if row.get(field) is None:
                 fields = ", ".join(sorted(k for k, v in row.items() if v is not None)[:8])
                 raise DataError(f"{label}: row {i}: no field '{field}' (fields: {fields}); fix the row or the "
                                 f"source's format ({fmt})")
         try:
-            formatted = to_sft_row(row, fmt, src)
+            formatted = to_sft_row(row, fmt, src, i)
         except KeyError as e:
             fields = ", ".join(sorted(map(str, row))[:8])
             raise DataError(f"{label}: row {i}: no field {e} (fields: {fields}); fix the row or the source's "
@@ -55,6 +59,15 @@ def _format_batch(batch: dict[str, list], indices: list[int], fmt: str, src: Dat
         for k, v in formatted.items():
             out.setdefault(k, []).append(v)
     return out
+
+
+def format_sft(ds, src: DataSource, label: str | None = None, num_proc: int | None = None,
+               cache_file: str | None = None):
+    """TRL-shaped rows from a source's Arrow rows: `to_sft_row` on every row, inside a batched map."""
+    label = label or str(src.path if src.path is not None else src.name)
+    return ds.map(_format_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  fn_kwargs={"fmt": src.format, "src": src, "label": label}, num_proc=num_proc,
+                  cache_file_name=cache_file, desc=f"formatting {label}")
 
 
 def _raw(src: DataSource, cache_dir: Path, hubs: dict[int, Any]):
@@ -111,9 +124,7 @@ def sft_rows(cfg: TrainingConfig, build: Path, hubs: dict[int, Any]):
                 ds = ds.select(range(min(src.max_samples, len(ds))))
             if len(ds) == 0:
                 raise DataError(f"{label}: no rows; fix the path or remove the source")
-            parts.append(ds.map(_format_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-                                fn_kwargs={"fmt": src.format, "src": src, "label": label}, num_proc=num_proc,
-                                cache_file_name=str(build / f"rows-{split}-{i}.arrow"), desc=f"formatting {label}"))
+            parts.append(format_sft(ds, src, label, num_proc, str(build / f"rows-{split}-{i}.arrow")))
         out[split] = concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else None)
     train, ev = out["train"], out.get("eval")
     if ev is None and d.eval_fraction > 0 and d.generate is None:
