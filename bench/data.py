@@ -161,7 +161,8 @@ def measure_ceiling(corpus: Path, tok: Path, hf_every: int) -> dict:
 
 
 def mean_ceiling(a: dict, b: dict) -> dict:
-    out = {k: statistics.mean(x[k] for x in (a, b) if x.get(k)) for k in ("encode_batch_fast_ids_s", "hf_call_s")}
+    keys = ("encode_batch_fast_ids_s", "hf_call_s", "encode_batch_fast_ids_cpu_s", "hf_call_cpu_s")
+    out = {k: statistics.mean(x[k] for x in (a, b) if x.get(k)) for k in keys}
     out.update(tokens=a["tokens"], documents=a["documents"], samples=[a, b],
                tokens_per_s_fast=a["tokens"] / out["encode_batch_fast_ids_s"], tokens_per_s_hf=a["tokens"] / out["hf_call_s"])
     return out
@@ -236,9 +237,12 @@ def child_ceiling(corpus: str, tok_dir: str, hf_every: str = "1") -> None:
     backend = tok.backend_tokenizer
     fast = hf = 0.0
     tokens = docs = 0
+    cpu = {"fast": 0.0, "hf": 0.0}
+
     def timed(fn, texts):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # process time: every thread, the Rust pool's too
         out = fn(texts)
+        cpu["fast" if fn is fast_ids else "hf"] += time.process_time() - c0
         return out, time.perf_counter() - t0
 
     def fast_ids(texts):
@@ -262,8 +266,10 @@ def child_ceiling(corpus: str, tok_dir: str, hf_every: str = "1") -> None:
         n = sum(map(len, ids))
         fast, hf, tokens, docs = fast + t_fast, hf + t_hf, tokens + n, docs + len(ids)
         hf_tokens += n if t_hf else 0
-    hf = hf * tokens / max(hf_tokens, 1)
+    scale = tokens / max(hf_tokens, 1)
+    hf, cpu["hf"] = hf * scale, cpu["hf"] * scale
     print(json.dumps({"encode_batch_fast_ids_s": fast, "hf_call_s": hf, "hf_sampled_every": every, "tokens": tokens,
+                      "encode_batch_fast_ids_cpu_s": cpu["fast"], "hf_call_cpu_s": cpu["hf"],
                       "documents": docs, "tokens_per_s_fast": tokens / fast, "tokens_per_s_hf": tokens / hf}, indent=1))
 
 
@@ -286,11 +292,14 @@ def child_previous(corpus: str, tok_dir: str) -> None:
 def summarize(size: dict) -> dict:
     p, c = size["prepare"], size["ceiling"]
     out = {"prepare_over_ceiling_fast": p["wall_s"] / c["encode_batch_fast_ids_s"],
-           "prepare_over_ceiling_hf": p["wall_s"] / c["hf_call_s"]}
+           "prepare_over_ceiling_hf": p["wall_s"] / c["hf_call_s"],
+           # CPU seconds: what the machine's other jobs change least (the wall ratio moves with their load)
+           "prepare_over_ceiling_fast_cpu": p["cpu_s"] / c["encode_batch_fast_ids_cpu_s"]}
     if "previous" in size:
         out["previous_over_prepare_wall"] = size["previous"]["wall_s"] / p["wall_s"]
         out["previous_over_prepare_rss"] = size["previous"]["peak_rss_gib"] / p["peak_rss_gib"]
-    out["targets"] = {"prepare <= 1.5x ceiling": out["prepare_over_ceiling_fast"] <= 1.5,
+    out["targets"] = {"prepare <= 1.5x ceiling (wall)": out["prepare_over_ceiling_fast"] <= 1.5,
+                      "prepare <= 1.5x ceiling (CPU s)": out["prepare_over_ceiling_fast_cpu"] <= 1.5,
                       "peak RSS <= 1.5 GiB": p["peak_rss_gib"] <= 1.5, "padding < 1%": p["padding"] < 0.01,
                       "2-process run tokenizes once": size["rehearsal"]["tokenized_once"],
                       "second run's data phase <= 5 s": (size["second_run"]["data_phase_s"] or 99) <= 5}
@@ -303,9 +312,11 @@ def table(sizes: dict) -> str:
         p, c, sr, rh = s["prepare"], s["ceiling"], s["second_run"], s["rehearsal"]
         rows.append({"size": f"{p['tokens'] / 1e6:.0f}M tokens", "path": "tune-launch prepare", "wall": p["wall_s"],
                      "tps": p["tokens_per_s"] / 1e6, "rss": p["peak_rss_gib"], "pad": 100 * p["padding"],
-                     "note": f"{s['ratios']['prepare_over_ceiling_fast']:.2f}x the fast ceiling"})
+                     "note": f"{s['ratios']['prepare_over_ceiling_fast']:.2f}x the fast ceiling's wall, "
+                             f"{s['ratios']['prepare_over_ceiling_fast_cpu']:.2f}x its CPU s ({p['cpu_s']:.0f} CPU s)"})
         rows.append({"size": "", "path": "ceiling: encode_batch_fast + ids", "wall": c["encode_batch_fast_ids_s"],
-                     "tps": c["tokens_per_s_fast"] / 1e6, "note": "tokenizer calls only"})
+                     "tps": c["tokens_per_s_fast"] / 1e6,
+                     "note": f"tokenizer calls only, mean of before and after ({c['encode_batch_fast_ids_cpu_s']:.0f} CPU s)"})
         rows.append({"size": "", "path": "ceiling: tokenizer(texts)", "wall": c["hf_call_s"],
                      "tps": c["tokens_per_s_hf"] / 1e6, "note": "tokenizer calls only"})
         if "previous" in s:

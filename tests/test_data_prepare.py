@@ -355,14 +355,13 @@ def test_a_dataset_by_name_goes_through_datasets_and_is_keyed_by_its_fingerprint
     folder = tmp_path / "my-dataset"
     folder.mkdir()
     (folder / "train.jsonl").write_text(corpus.read_text())
-    cfg = validate_config({"model": {"name_or_path": str(tiny_model_dir)}, "task": "pretrain", "max_length": 64,
-                           "data": {"train": {"name": str(folder)}, "cache_dir": str(tmp_path / "cache")},
-                           "output_dir": str(tmp_path / "out")})
+    raw = {"model": {"name_or_path": str(tiny_model_dir)}, "task": "pretrain", "max_length": 64,
+           "data": {"train": {"name": str(folder)}, "cache_dir": str(tmp_path / "cache")}, "output_dir": str(tmp_path)}
+    cfg = validate_config(raw)
     by_name = prepare_data(cfg, {}, bar=False)
     by_path = prepare_data(make_cfg(folder / "train.jsonl", tiny_model_dir, tmp_path / "cache2"), {}, bar=False)
     assert (by_name.entry / "train.rows.bin").read_bytes() == (by_path.entry / "train.rows.bin").read_bytes()
     assert prepare_data(cfg, {}, bar=False).hit
-    bad = validate_config({**cfg.model_dump(), "data": {"train": {"name": str(tmp_path / "nope")},
-                                                        "cache_dir": str(tmp_path / "cache")}})
+    bad = validate_config({**raw, "data": {"train": {"name": str(tmp_path / "nope")}, "cache_dir": str(tmp_path / "cache")}})
     with pytest.raises(DataError, match=r"data source '.*nope': cannot be loaded"):
         prepare_data(bad, {}, bar=False)

@@ -71,7 +71,7 @@ def test_dataset_names_the_row_position_in_its_file(tmp_path):
         to_sft_row(rows[2], "alpaca", src, index=2)
     ok = format_sft(Dataset.from_list(rows), src)  # in a dataset, a key only some rows have reads as null: empty
     assert ok.column_names == ["prompt", "completion"] and ok[0]["completion"] == ROW["output"]
-    assert "### Entrada:\n\n### Respuesta" in ok[2]["prompt"]
+    assert "### Entrada:\n\n\n### Respuesta" in ok[2]["prompt"]  # {input} rendered empty
     with pytest.raises(ConfigError, match=r"data: org/dataset row 0: the template needs field 'input'"):
         format_sft(Dataset.from_list(rows[2:]), src)  # a field no row has
 
