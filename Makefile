@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-sft test test-fast bench-consolidate clean
+.PHONY: setup demo demo-sft test test-fast bench-consolidate bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test-fast: setup
 
 bench-consolidate: setup
 	$(PY) -m bench.consolidate
+
+bench-data: setup
+	$(PY) -m bench.data
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

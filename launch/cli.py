@@ -6,6 +6,7 @@
     tune-launch profiles                                                              shipped profiles
     tune-launch submit train.yaml --nodes N ...                                       SLURM via submitit
     tune-launch consolidate CHECKPOINT OUT ...                                        shards -> safetensors
+    tune-launch prepare train.yaml [key.sub=value ...]                                tokenize + pack once, cached
     tune-launch report RUN_DIR [RUN_DIR ...]                                          report.png of runs
     tune-launch status RUN_DIR [--json]                                               a run's phase, step, ranks
 """
@@ -32,7 +33,8 @@ if TYPE_CHECKING:  # the subcommands import what they need when they run: `tune-
     from tune_launch.training.schema import TrainingConfig
 
 EXTERNAL = {"submit": "tune_launch.launch.submit", "consolidate": "tune_launch.launch.consolidate",
-            "report": "tune_launch.launch.runs_report", "status": "tune_launch.launch.status"}
+            "prepare": "tune_launch.launch.prepare", "report": "tune_launch.launch.runs_report",
+            "status": "tune_launch.launch.status"}
 SUBCOMMANDS = ("detect", "profiles", "plan", *EXTERNAL, "run")
 
 

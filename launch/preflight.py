@@ -17,17 +17,16 @@ from typing import Any, Literal
 
 from tune_launch.batching import alternatives
 from tune_launch.errors import TuneLaunchError
+from tune_launch.filesystems import LOCAL_FS_TYPES, SHARED_FS_ENV, filesystem_type, nearest_existing  # noqa: F401 (re-exported)
 from tune_launch.launch.hardware import Hardware
 from tune_launch.launch.model_facts import ModelFacts
 from tune_launch.launch.plan import LaunchPlan
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.settings import DTYPE_OF_PRECISION
 from tune_launch.units import GIB
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout default: what waiting ranks allow
-TOKENIZE_BYTES_PER_S = 4 * 1024**2  # measured order of magnitude for a fast tokenizer + packing, per process
-SHARED_FS_ENV = "TUNE_LAUNCH_SHARED_FS"  # "1": trust that output_dir is shared even if its type looks local
-LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "vfat",
-                            "exfat", "ramfs", "devtmpfs", "squashfs"})
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout default
+TOKENIZE_BYTES_PER_S = 4 * 1024**2  # data preparation per process, order of magnitude (bench/data.py: 2-6 MB/s of jsonl)
+GPU_IDLE_WARN_S = 600  # a miss that keeps the GPUs idle longer than this is worth a separate CPU job
 Severity = Literal["error", "warning"]
 
 
@@ -60,6 +59,7 @@ class Probes:
     output_probe_path: str | None = None  # the folder actually tested (nearest existing ancestor)
     output_fs_type: str | None = None
     data_bytes: int | None = None  # local training data on disk (hub datasets unknown)
+    data_prepared: bool | None = None  # the data cache already holds this YAML's data (a hit: nothing to prepare)
     accelerate_config: Mapping[str, Any] = field(default_factory=dict)
     deepspeed_config: Mapping[str, Any] = field(default_factory=dict)
     num_params: int | None = None
@@ -240,19 +240,26 @@ def check_disk(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Prob
 
 
 def check_data_prep(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
-    if plan.world_size < 2 or probes.data_bytes is None:
+    """The data is prepared once per job before training (training/coordinate.py): the other ranks wait up to
+    data.prepare_timeout, and on GPUs the whole allocation idles meanwhile. A cache hit needs no time at all."""
+    if cfg.data.streaming or probes.data_bytes is None or probes.data_prepared:
         return None
     procs = cfg.data.num_proc or 1
     seconds = probes.data_bytes / (TOKENIZE_BYTES_PER_S * procs)
-    timeout = collective_timeout_s(cfg)
-    if seconds <= 0.8 * timeout:
-        return None
-    wanted = int(seconds * 2 // 600 + 1) * 600
-    return Finding("data-prep", "error",
-                   f"tokenizing {probes.data_bytes / GIB:.1f} GiB of data takes about {seconds / 60:.0f} min on the main "
-                   f"process while the other ranks wait in a collective that times out after {timeout / 60:.0f} min",
-                   f"tokenize on the main process first (data.num_proc: more workers) and raise train.ddp_timeout "
-                   f"to at least {wanted} for that phase, or pre-tokenize the data once before launching")
+    timeout = cfg.data.prepare_timeout
+    size = f"{probes.data_bytes / GIB:.1f} GiB"
+    first = "run `tune-launch prepare` with the same YAML first (a CPU job or sbatch step; training then maps the cache)"
+    if plan.world_size > 1 and seconds > 0.8 * timeout:
+        wanted = int(seconds * 2 // 600 + 1) * 600
+        return Finding("data-prep", "error",
+                       f"preparing {size} of data takes about {seconds / 60:.0f} min on one process while the other ranks "
+                       f"wait at most data.prepare_timeout ({timeout / 60:.0f} min)",
+                       f"{first}, or raise data.prepare_timeout to at least {wanted}, or add workers (data.num_proc)")
+    if plan.device == "cuda" and seconds > GPU_IDLE_WARN_S:
+        return Finding("data-prep", "warning",
+                       f"preparing {size} of data takes about {seconds / 60:.0f} min while {plan.world_size} GPU(s) idle",
+                       first)
+    return None
 
 
 CHECKS: tuple[Callable[[TrainingConfig, LaunchPlan, Hardware, Probes], Finding | None], ...] = (
@@ -289,13 +296,6 @@ def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
     return False
 
 
-def nearest_existing(path: Path) -> Path:
-    p = path.resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def writable(folder: Path) -> bool:
     """Really create a file there: os.access lies on read-only mounts and for root."""
     try:
@@ -303,25 +303,6 @@ def writable(folder: Path) -> bool:
             return True
     except OSError:
         return False
-
-
-def filesystem_type(path: Path, mounts_text: str | None = None) -> str | None:
-    """Type of the filesystem holding `path`, from the longest matching mount point in /proc/mounts."""
-    if mounts_text is None:
-        try:
-            mounts_text = Path("/proc/mounts").read_text()
-        except OSError:
-            return None
-    best, kind = "", None
-    target = str(path)
-    for line in mounts_text.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/") or mount == "/") and len(mount) >= len(best):
-            best, kind = mount, parts[2]
-    return kind
 
 
 def local_data_bytes(cfg: TrainingConfig) -> int | None:
@@ -336,6 +317,17 @@ def local_data_bytes(cfg: TrainingConfig) -> int | None:
         except OSError:
             return None
     return total
+
+
+def data_prepared(cfg: TrainingConfig, env: Mapping[str, str]) -> bool | None:
+    """Whether the data cache already holds this YAML's prepared data (None when it cannot be told offline)."""
+    from tune_launch.training.datacache import cache_root, indexed_entry
+    from tune_launch.training.prepare import config_key
+
+    key = config_key(cfg, env)
+    if key is None:
+        return None
+    return indexed_entry(cache_root(cfg.data.cache_dir, env), key) is not None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -371,6 +363,7 @@ def gather_probes(cfg: TrainingConfig, plan: LaunchPlan, env: Mapping[str, str],
         output_probe_path=str(out),
         output_fs_type=filesystem_type(out),
         data_bytes=local_data_bytes(cfg),
+        data_prepared=data_prepared(cfg, env),
         accelerate_config=_read_yaml(plan.profile.accelerate_config_path),
         deepspeed_config=_read_json(plan.profile.deepspeed_config_path),
         num_params=facts.num_params if facts is not None else None,

@@ -163,8 +163,8 @@ def test_varlen_call_adapts_to_torch_signatures():
 # --------------------------------------------------------------------------- packing
 
 def test_best_fit_packing_keeps_every_token_and_wastes_little():
-    from tune_launch.training.data import IGNORE, pack_documents
-    from tune_launch.training.packing import pack_best_fit
+    from bench.legacy_data import pack_documents
+    from tune_launch.training.packing import IGNORE, pack_best_fit
 
     docs = C.random_documents(C.lognormal_lengths(600, median=20, max_len=128, seed=3), 100, seed=3)
     rows = pack_best_fit(docs, 128, pad_id=0)

@@ -242,22 +242,38 @@ def test_free_disk_below_one_checkpoint(tmp_path):
     assert evaluate(lora_cfg, lora_plan, small, Probes(num_params=lora.num_params, trainable_params=lora.lora_params)) == []
 
 
-# --------------------------------------------------------------------------- data preparation vs the collective timeout
+# --------------------------------------------------------------------------- data preparation vs the waiting ranks
 
-def test_data_prep_longer_than_the_collective_timeout(tmp_path):
+def data_with(cfg, **fields):
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=fields)})
+
+
+def test_data_prep_longer_than_the_waiting_ranks_allow(tmp_path):
     cfg, plan, hw = setup(tmp_path, hw="cpu")
     big = tmp_path / "data.jsonl"
     with open(big, "r+b") as f:  # 30 GiB sparse: the probe reads sizes, never the data
         f.truncate(30 * 1024**3)
-    probes = gather_probes(cfg, plan, {})
-    assert probes.data_bytes == 30 * 1024**3
-    found = evaluate(cfg, plan, hw, probes)
+    probes = gather_probes(cfg, plan, {"HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert probes.data_bytes == 30 * 1024**3 and probes.data_prepared is False
+    assert evaluate(cfg, plan, hw, probes) == []  # ~2 h fits the default data.prepare_timeout (6 h)
+    short = data_with(cfg, prepare_timeout=1800)
+    found = evaluate(short, plan, hw, probes)
     assert ids(found) == ["data-prep"]
-    assert "times out after 30 min" in found[0].message and "raise train.ddp_timeout to at least" in found[0].fix
-    assert evaluate(train_with(cfg, ddp_timeout=4 * 3600), plan, hw, probes) == []
-    assert evaluate(cfg, plan, hw, replace(probes, data_bytes=100 * 1024**2)) == []
+    assert "wait at most data.prepare_timeout (30 min)" in found[0].message
+    assert "tune-launch prepare" in found[0].fix and "raise data.prepare_timeout to at least" in found[0].fix
+    assert evaluate(short, plan, hw, replace(probes, data_prepared=True)) == []  # a cache hit takes no time
+    assert evaluate(data_with(short, streaming=True), plan, hw, probes) == []  # nothing is prepared up front
+    assert evaluate(short, plan, hw, replace(probes, data_bytes=100 * 1024**2)) == []
     one, one_plan, _ = setup(tmp_path, hw="cpu", request={"num_processes": 1, "profile": "cpu"})
-    assert evaluate(one, one_plan, hw, probes) == []  # nobody waits on a single process
+    assert evaluate(data_with(one, prepare_timeout=1800), one_plan, hw, probes) == []  # nobody waits on one process
+
+
+def test_data_prep_on_gpus_warns_to_prepare_on_a_cpu_first(tmp_path):
+    cfg, plan, hw = setup(tmp_path)
+    found = evaluate(cfg, plan, hw, Probes(data_bytes=30 * 1024**3))
+    assert ids(found) == [] and ids(found, "warning") == ["data-prep"]
+    assert "GPU(s) idle" in found[0].message and "tune-launch prepare" in found[0].fix
+    assert evaluate(cfg, plan, hw, Probes(data_bytes=30 * 1024**3, data_prepared=True)) == []
 
 
 # --------------------------------------------------------------------------- entry points

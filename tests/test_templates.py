@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from datasets import Dataset
 
 from tune_launch.training.config import ConfigError
-from tune_launch.training.data import sft_dataset, to_sft_row
+from tune_launch.training.data import to_sft_row
+from tune_launch.training.prepare_sft import format_sft
 from tune_launch.training.schema import DataSource
 from tune_launch.training.templates import parse_template
 
@@ -66,9 +68,12 @@ def test_dataset_names_the_row_position_in_its_file(tmp_path):
     rows = [ROW, ROW, {"instruction": "x", "output": "y"}]
     src = DataSource(name="org/dataset", format="alpaca", template=ES)
     with pytest.raises(ConfigError, match=r"data: org/dataset row 2: the template needs field 'input'"):
-        sft_dataset([(rows, src)])
-    ok = sft_dataset([(rows[:2], src)])
+        to_sft_row(rows[2], "alpaca", src, index=2)
+    ok = format_sft(Dataset.from_list(rows), src)  # in a dataset, a key only some rows have reads as null: empty
     assert ok.column_names == ["prompt", "completion"] and ok[0]["completion"] == ROW["output"]
+    assert "### Entrada:\n\n\n### Respuesta" in ok[2]["prompt"]  # {input} rendered empty
+    with pytest.raises(ConfigError, match=r"data: org/dataset row 0: the template needs field 'input'"):
+        format_sft(Dataset.from_list(rows[2:]), src)  # a field no row has
 
 
 def test_sft_trainer_masks_the_templated_prompt(tiny_model_dir, tmp_path):
@@ -79,7 +84,7 @@ def test_sft_trainer_masks_the_templated_prompt(tiny_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     row = {"instruction": "add the two numbers .", "input": "one two", "output": "three"}
     src = _src("### Instrucción:\n{instruction}\n\n### Entrada:\n{input}\n\n### Respuesta:\n")
-    ds = sft_dataset([([row], src)])
+    ds = format_sft(Dataset.from_list([row]), src)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=512, completion_only_loss=True,
                      per_device_train_batch_size=1)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=ds,

@@ -8,15 +8,16 @@ import torch
 from tune_launch.training import synthetic
 from tune_launch.training.config import ConfigError
 from tune_launch.training.schema import DataSource
-from tune_launch.training.data import IGNORE, CausalLMCollator, alpaca_prompt, check_batch, pack_documents, to_sft_row
+from tune_launch.training.data import IGNORE, CausalLMCollator, alpaca_prompt, check_batch, to_sft_row
+from tune_launch.training.packing import pack_best_fit
 
 
 def test_packing_restarts_positions_and_masks_padding_and_document_starts():
-    rows = pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12]], max_length=6, pad_id=0)
-    assert rows[0] == {"input_ids": [1, 2, 3, 4, 5, 0], "position_ids": [0, 1, 2, 0, 1, 0],
-                       "labels": [IGNORE, 2, 3, IGNORE, 5, IGNORE]}
+    rows = pack_best_fit([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12]], max_length=6, pad_id=0)
     # a document longer than max_length is cut; every piece restarts its positions
-    assert rows[1]["input_ids"] == [6, 7, 8, 9, 10, 11] and rows[1]["position_ids"] == [0, 1, 2, 3, 4, 5]
+    assert rows[0]["input_ids"] == [6, 7, 8, 9, 10, 11] and rows[0]["position_ids"] == [0, 1, 2, 3, 4, 5]
+    assert rows[1] == {"input_ids": [1, 2, 3, 4, 5, 0], "position_ids": [0, 1, 2, 0, 1, 0],
+                       "labels": [IGNORE, 2, 3, IGNORE, 5, IGNORE]}
     assert len(rows) == 2  # the 1-token tail [12] has nothing to predict: dropped
     assert all(len(r["input_ids"]) == 6 for r in rows)
 
@@ -29,7 +30,7 @@ def test_packed_position_ids_keep_attention_inside_documents():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
-    row = pack_documents([[5, 6, 7], [8, 9, 10]], max_length=6, pad_id=0)[0]
+    row = pack_best_fit([[5, 6, 7], [8, 9, 10]], max_length=6, pad_id=0)[0]
     packed = model(input_ids=torch.tensor([row["input_ids"]]), position_ids=torch.tensor([row["position_ids"]]),
                    use_cache=False).logits
     alone = model(input_ids=torch.tensor([[8, 9, 10]]), use_cache=False).logits

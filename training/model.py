@@ -114,33 +114,21 @@ def prepare_for_kbit(model, cfg: TrainingConfig, settings: ResolvedSettings):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
 
 
-def load_tokenizer(cfg: TrainingConfig, train_texts: list[str], save_dir: Path, is_writer: bool):
-    """The YAML's tokenizer, or one trained here on the training text (saved once, then loaded by every rank)."""
+def load_tokenizer(cfg: TrainingConfig, trained_dir: Path | None = None):
+    """The YAML's tokenizer (tokenizer.name_or_path, else the model's), or the one trained for this data
+    (`trained_dir`, made by the data preparation: training/prepare.py)."""
     from transformers import AutoTokenizer
 
     t = cfg.tokenizer
-    if t is None or t.name_or_path is not None:
-        name = t.name_or_path if t is not None else cfg.model.name_or_path
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        if is_writer and not (save_dir / "tokenizer.json").exists():
-            from tune_launch.training.synthetic import train_tokenizer
-
-            trained = train_tokenizer(train_texts, t.train_vocab_size, t.chat_template)
-            save_dir.mkdir(parents=True, exist_ok=True)
-            trained.save_pretrained(str(save_dir))
-        return None  # the caller loads it after a barrier
+    if trained_dir is not None:
+        return AutoTokenizer.from_pretrained(str(trained_dir))
+    name = t.name_or_path if t is not None and t.name_or_path is not None else cfg.model.name_or_path
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
     if t is not None and t.chat_template:
         tok.chat_template = t.chat_template
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def load_saved_tokenizer(save_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(save_dir))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from typing import Any
 from tune_launch import heartbeat
 from tune_launch.errors import TuneLaunchError
 from tune_launch.training.schema import TrainingConfig
-from tune_launch.training.distributed import RankInfo, barrier, teardown
+from tune_launch.training.distributed import RankInfo, teardown
 from tune_launch.training.heartbeats import phase, report_crash
 from tune_launch.training.logs import close_logging, plan_logging, reattach_library_loggers, setup_logging
 
@@ -48,11 +48,10 @@ def run(cfg: TrainingConfig, info: RankInfo) -> int:
 def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger, t_start: float) -> int:
     from transformers import set_seed
 
-    from tune_launch.training import data as D
     from tune_launch.training.checkpoint import check_resume_compatible, resolve_resume, run_fingerprint
     from tune_launch.profiles import get_profile
     from tune_launch.training.reshard import plan_resume, with_batch
-    from tune_launch.training.model import build_model, load_saved_tokenizer, load_tokenizer
+    from tune_launch.training.model import build_model
     from tune_launch.training.settings import DeviceFacts, resolve_settings
     from tune_launch.training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
 
@@ -81,18 +80,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     set_seed(cfg.seed)
 
     phase("data")
-    with args.main_process_first(local=False, desc="loading data"):
-        train_parts, eval_parts = D.raw_splits(cfg)
-    tok_dir = out / "tokenizer"
-    tokenizer = load_tokenizer(cfg, D.texts(train_parts) if not sft else _sft_texts(train_parts), tok_dir, info.is_main)
-    if tokenizer is None:
-        barrier()
-        tokenizer = load_saved_tokenizer(tok_dir)
-    if sft:
-        train_ds, eval_ds = D.sft_dataset(train_parts), (D.sft_dataset(eval_parts) if eval_parts else None)
-    else:
-        train_ds = D.pretrain_dataset(train_parts, tokenizer, cfg)
-        eval_ds = D.pretrain_dataset(eval_parts, tokenizer, cfg) if eval_parts else None
+    tokenizer, train_ds, eval_ds = run_data(cfg, info, out, args if sft else None)
     phase("model_load")
     model = build_model(cfg, tokenizer, settings, device)
     metrics = MetricsCallback(out, info.device, info.world_size)
@@ -158,18 +146,23 @@ def _checkpoint_last_step(trainer, out: Path) -> None:
         trainer._save_checkpoint(trainer.model, trial=None)
 
 
-def _sft_texts(parts) -> list[str]:
-    """Text to train a local tokenizer on, from any SFT format."""
-    texts: list[str] = []
-    for rows, src in parts:
-        for r in rows:
-            if src.format == "chat":
-                texts.extend(m["content"] for m in r[src.messages_field])
-            elif src.format == "alpaca":
-                texts.extend(str(r.get(k) or "") for k in ("instruction", "input", "output"))
-            else:
-                texts.append(str(r[src.text_field]))
-    return texts
+def run_data(cfg: TrainingConfig, info: RankInfo, out: Path, sft_args):
+    """(tokenizer, train, eval): prepared once per job and cached (training/coordinate.py), opened memory-mapped
+    here; with data.streaming the training rows are read and packed on the fly instead."""
+    from tune_launch.training.coordinate import prepared_for_run
+    from tune_launch.training.model import load_tokenizer
+
+    prepared = prepared_for_run(cfg, info, sft_args=sft_args)
+    tokenizer = prepared.tokenizer or load_tokenizer(cfg, prepared.tokenizer_dir)
+    if prepared.tokenizer_dir is not None and info.is_main:
+        tokenizer.save_pretrained(str(out / "tokenizer"))  # beside the run, as before (consolidation looks there)
+    train_ds, eval_ds = prepared.datasets()
+    if cfg.data.streaming:
+        from tune_launch.training.streaming import PackedStream
+
+        train_ds = PackedStream(cfg, tokenizer, info.rank, info.world_size)
+        log.info("data.streaming: rank %d reads %d of the stream's units", info.rank, len(train_ds.units))
+    return tokenizer, train_ds, eval_ds
 
 
 def build_report(cfg, info: RankInfo, trainer, metrics, what_ran, result, resume, final, wall: float) -> dict[str, Any]:

@@ -96,6 +96,7 @@ class TokenizerConfig(_Section):
 
     name_or_path: str | None = None
     train_vocab_size: int | None = Field(None, gt=0)
+    train_sample_bytes: int = Field(50_000_000, gt=0)  # a local tokenizer learns from this much text, spread over the corpus
     chat_template: str | None = None
 
     @model_validator(mode="after")
@@ -142,13 +143,21 @@ class SyntheticData(_Section):
 
 
 class DataConfig(_Section):
-    """Where the text comes from: local files / hub datasets (train, eval) or `generate` (synthetic)."""
+    """Where the text comes from: local files / hub datasets (train, eval) or `generate` (synthetic).
+
+    The data is tokenized and packed once into memory-mapped files under `cache_dir` (default: the Hugging Face
+    datasets cache, in a tune-launch/ folder), keyed by everything that changes the result; `streaming: true`
+    reads, tokenizes and packs on the fly instead, for corpora larger than the disk."""
 
     train: list[DataSource] | None = None
     eval: list[DataSource] | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     num_proc: int | None = Field(None, gt=0)
     generate: SyntheticData | None = None
+    cache_dir: str | None = None
+    prepare_timeout: int = Field(6 * 3600, gt=0)  # seconds the other ranks wait for the one preparing the data
+    streaming: bool = False
+    stream_buffer_rows: int = Field(256, gt=0)  # streaming: rows' worth of tokens packed together (best fit; 256: < 0.3% padding)
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -163,6 +172,9 @@ class DataConfig(_Section):
             raise ValueError("data.train: list at least one data source")
         if self.generate is not None and self.eval is not None:
             raise ValueError("data.eval: data.generate makes its own eval split; drop data.eval or data.generate")
+        if self.streaming and self.eval_fraction > 0:
+            raise ValueError("data.eval_fraction: a stream has no known size to hold a fraction out; list data.eval "
+                             "sources instead (they are prepared and cached like non-streaming data)")
         return self
 
     @property
@@ -371,11 +383,23 @@ class TrainingConfig(_Section):
         check_schedules(self)
         check_best_model(self)
         check_outputs(self)
+        self._streaming_checks()
         if self.trainer:
             from tune_launch.training.passthrough import check_trainer_fields
 
             check_trainer_fields(self.trainer, self.task)
         return self
+
+    def _streaming_checks(self) -> None:
+        if not self.data.streaming:
+            return
+        if self.task != "pretrain":
+            raise ValueError("data.streaming: streams task pretrain; SFT data is prepared once and cached (drop data.streaming)")
+        if self.train.max_steps <= 0:
+            raise ValueError("train.max_steps: a stream has no length, so epochs are unknown; set train.max_steps")
+        if self.train.dataloader_num_workers:
+            raise ValueError("train.dataloader_num_workers: data.streaming reads and tokenizes in a background thread of "
+                             "each rank; set it to 0")
 
     @property
     def has_eval(self) -> bool:

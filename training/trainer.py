@@ -13,6 +13,7 @@ from tune_launch.training.best import best_model_arguments
 from tune_launch.training.checkpoint import AtomicCheckpointMixin
 from tune_launch.training.progress import MetricsCallback  # step lines, metrics.jsonl, the losses for the report
 from tune_launch.training.reshard import ReshardRngMixin
+from tune_launch.training.streaming import StreamingTrainerMixin, preview_rows
 from tune_launch.training.schema import TrainingConfig
 from tune_launch.training.settings import DeviceFacts, ResolvedSettings
 from tune_launch.training.distributed import RankInfo
@@ -51,6 +52,7 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
         **best_model_arguments(cfg),
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=info.device == "cpu",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=sft,
+        ignore_data_skip=cfg.data.streaming,  # a stream restores its own position (training/streaming.py)
         ddp_find_unused_parameters=False if info.distributed else None,
         bf16=settings.precision == "bf16", fp16=settings.precision == "fp16", optim=settings.optimizer,
     )
@@ -60,7 +62,8 @@ def arguments(cfg: TrainingConfig, info: RankInfo, sft: bool, settings: Resolved
         kwargs.update(gpu_training_kwargs(cfg, device or DeviceFacts.probe("cuda"), info.profile, settings))
     if sft:
         kwargs.update(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
-                      dataset_text_field="text", dataset_num_proc=cfg.data.num_proc)
+                      dataset_text_field="text", dataset_num_proc=cfg.data.num_proc,
+                      dataset_kwargs={"skip_prepare_dataset": True})  # TRL's preparation ran once, cached (prepare_sft.py)
     kwargs.update(cfg.trainer)  # `trainer:` passthrough, checked against the dataclass before launch (passthrough.py)
     return kwargs
 
@@ -81,7 +84,7 @@ class WhatRanCallback(TrainerCallback):
                       "param_types": sorted({type(p).__name__ for p in model.parameters()})}
 
 
-class PretrainTrainer(ReshardRngMixin, AtomicCheckpointMixin, Trainer):
+class PretrainTrainer(ReshardRngMixin, AtomicCheckpointMixin, StreamingTrainerMixin, Trainer):
     pass
 
 
@@ -134,7 +137,7 @@ def first_batch_check(trainer) -> None:
     """Build one training batch the way the Trainer will and make sure it can give a loss."""
     from tune_launch.training.data import check_batch
 
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))])
+    batch = trainer.data_collator(preview_rows(trainer.train_dataset, 2))
     check_batch(batch)
 
 
