@@ -160,6 +160,22 @@ def _filesystem(path: Path) -> str:
     return kind
 
 
+def bench_model(work: Path, layers: int, reuse: bool) -> dict:
+    """The benchmark's model in work/model (made in a fresh process, or reused from a --keep run); its facts."""
+    facts_file = work / "model" / "bench-facts.json"
+    if not (reuse and facts_file.is_file()):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        made = subprocess.run([PY, "-m", "bench.consolidate", "--make-model", str(work / "model"), str(layers)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=1800)
+        if made.returncode != 0:
+            sys.exit(f"making the model failed:\n{made.stderr[-3000:]}")
+        facts_file.write_text(made.stdout.strip().splitlines()[-1])
+    facts = json.loads(facts_file.read_text())
+    print(f"model: {facts['params'] / 1e6:.0f}M parameters", flush=True)
+    return facts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/tune-launch-bench-consolidate"))
@@ -169,17 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse the model and checkpoints a --keep run left in --work")
     args = p.parse_args(argv)
     work = args.work
-    facts_file = work / "model" / "bench-facts.json"
-    if not (args.reuse and facts_file.is_file()):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        made = subprocess.run([PY, "-m", "bench.consolidate", "--make-model", str(work / "model"), str(args.layers)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=1800)
-        if made.returncode != 0:
-            sys.exit(f"making the model failed:\n{made.stderr[-3000:]}")
-        facts_file.write_text(made.stdout.strip().splitlines()[-1])
-    facts = json.loads(facts_file.read_text())
-    print(f"model: {facts['params'] / 1e6:.0f}M parameters", flush=True)
+    facts = bench_model(work, args.layers, args.reuse)
     results: dict = {**C.header("cpu"), "model": facts, "repeats": args.repeats,
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "filesystem": _filesystem(work)}, "checkpoints": {}}

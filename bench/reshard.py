@@ -20,7 +20,6 @@ reusing the cached universal checkpoint. Writes bench/results/reshard.json and p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 from bench import common as C  # noqa: E402  (run as `python -m bench.reshard` from the repository root)
-from bench.consolidate import _filesystem, _settle, _warm, raw_copy  # noqa: E402
+from bench.consolidate import _filesystem, _settle, _warm, bench_model, raw_copy  # noqa: E402
 
 
 def train_yaml(model_dir: Path, out: Path, steps: int) -> Path:
@@ -163,17 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse the model and checkpoints a --keep run left in --work")
     args = p.parse_args(argv)
     work = args.work
-    facts_file = work / "model" / "bench-facts.json"
-    if not (args.reuse and facts_file.is_file()):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        made = subprocess.run([PY, "-m", "bench.consolidate", "--make-model", str(work / "model"), str(args.layers)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=1800)
-        if made.returncode != 0:
-            sys.exit(f"making the model failed:\n{made.stderr[-3000:]}")
-        facts_file.write_text(made.stdout.strip().splitlines()[-1])
-    facts = json.loads(facts_file.read_text())
-    print(f"model: {facts['params'] / 1e6:.0f}M parameters", flush=True)
+    facts = bench_model(work, args.layers, args.reuse)
     results: dict = {**C.header("cpu"), "model": facts, "repeats": args.repeats, "load_average_start": os.getloadavg(),
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "filesystem": _filesystem(work)},
                      "checkpoints": {}}

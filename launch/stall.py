@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tune_launch.heartbeat import FINAL_PHASES, Heartbeat
 from tune_launch.launch.stacks import RankStack
@@ -23,14 +23,13 @@ FROZEN_AFTER_S = 12.0  # no write at all (not even the 5 s pulse) for this long:
 
 @dataclass(frozen=True)
 class Limits:
-    """Seconds without progress each phase allows (from the YAML's `watchdog:` section)."""
+    """Seconds without progress each phase allows; the defaults are the YAML's (`watchdog:`, `from_config`)."""
 
-    train_step_s: float = 60.0
-    step_factor: float = 10.0
-    timed_steps: int = 3
-    first_steps_s: float = 900.0
-    phases: Mapping[str, float] = field(default_factory=lambda: {
-        "starting": 600.0, "data": 1800.0, "model_load": 3600.0, "eval": 900.0, "save": 1800.0, "consolidate": 3600.0})
+    train_step_s: float
+    step_factor: float
+    timed_steps: int
+    first_steps_s: float
+    phases: Mapping[str, float]
 
     @classmethod
     def from_config(cls, w) -> Limits:
