@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 
@@ -401,3 +402,17 @@ def test_a_dataset_by_name_goes_through_datasets_and_is_keyed_by_its_fingerprint
     bad = validate_config({**raw, "data": {"train": {"name": str(tmp_path / "nope")}, "cache_dir": str(tmp_path / "cache")}})
     with pytest.raises(DataError, match=r"data source '.*nope': cannot be loaded"):
         prepare_data(bad, {}, bar=False)
+
+
+def test_the_preparing_rank_gets_the_tokenizer_threads_back_for_the_preparation_only(monkeypatch):
+    """The launcher sets TOKENIZERS_PARALLELISM=false for every rank; the one preparing may use every core."""
+    from tune_launch.training.coordinate import tokenizer_threads
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with tokenizer_threads():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    with pytest.raises(RuntimeError), tokenizer_threads():
+        raise RuntimeError("a failed preparation")
+    assert "TOKENIZERS_PARALLELISM" not in os.environ

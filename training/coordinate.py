@@ -18,7 +18,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,22 @@ def wait_for_signal(path: Path, timeout: float, preparer: str, poll: float = 0.5
         time.sleep(poll)
 
 
+@contextmanager
+def tokenizer_threads() -> Iterator[None]:
+    """The launcher turns the fast tokenizer's threads off in every rank (TOKENIZERS_PARALLELISM=false: ranks must
+    not oversubscribe the cores while training); the one preparing rank may use them all while its peers wait.
+    Set back afterwards, so a later fork (dataloader workers) neither deadlocks nor warns."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def prepared_for_run(cfg, info: RankInfo, env: Mapping[str, str] | None = None, sft_args=None) -> PreparedData:
     """This rank's view of the prepared data: prepared here, or by the rank `choose_role` names."""
     from tune_launch.filesystems import looks_shared
@@ -135,7 +152,8 @@ def prepared_for_run(cfg, info: RankInfo, env: Mapping[str, str] | None = None, 
 
     env = os.environ if env is None else env
     if info.world_size <= 1:
-        return prepare_data(cfg, env, sft_args)
+        with tokenizer_threads():
+            return prepare_data(cfg, env, sft_args)
     root = cache_root(cfg.data.cache_dir, env)
     role = choose_role(info, looks_shared(root, env))
     signal = signal_path(root, job_token(info), role.scope)
@@ -157,7 +175,8 @@ def prepared_for_run(cfg, info: RankInfo, env: Mapping[str, str] | None = None, 
 def _prepare_and_signal(cfg, env, sft_args, signal: Path) -> PreparedData:
     who = f"{socket.gethostname()} pid {os.getpid()}"
     try:
-        prepared = prepare_data(cfg, env, sft_args)
+        with tokenizer_threads():
+            prepared = prepare_data(cfg, env, sft_args)
     except BaseException as e:
         message = str(e) if isinstance(e, TuneLaunchError) else f"{type(e).__name__}: {e}"
         write_signal(signal, {"status": "failed", "message": message, "preparer": who})
