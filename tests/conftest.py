@@ -16,6 +16,18 @@ TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
 
+@pytest.fixture(autouse=True)
+def _offline_flags_restored(monkeypatch):
+    """`tune-launch prepare` run in-process sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE in os.environ (its own
+    process's, as it must before datasets is imported); no test may hand them to the next test's launches."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)  # undone in reverse at teardown: removed again whatever the test set
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache(tmp_path_factory):
     """Prepared data goes to a cache of this test session (HF_DATASETS_CACHE), never to the user's."""

@@ -53,7 +53,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     from tune_launch.training.reshard import plan_resume, with_batch
     from tune_launch.training.model import build_model
     from tune_launch.training.settings import DeviceFacts, resolve_settings
-    from tune_launch.training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, final_save, first_batch_check
+    from tune_launch.training.trainer import MetricsCallback, WhatRanCallback, arguments, build_trainer, first_batch_check
 
     if info.device == "cpu":
         from tune_launch.training.cpu_rehearsal import prepare_cpu_run
@@ -104,11 +104,7 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
     if resume:
         phase("model_load", f"resuming from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if eval_ds is not None and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
-        trainer.evaluate()
-    if cfg.consolidate.enabled and cfg.consolidate.checkpoint == "last":  # best: that checkpoint exists already
-        _checkpoint_last_step(trainer, out)
-    final = final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
+    final = _after_training(cfg, trainer, metrics, out, has_eval=eval_ds is not None)
     report = build_report(cfg, info, trainer, metrics, what_ran, result, resume, final, time.perf_counter() - t_start)
     report["batch"] = resharding
     if info.is_main:
@@ -116,6 +112,18 @@ def _run(cfg: TrainingConfig, info: RankInfo, out: Path, logger: logging.Logger,
         report["picture"] = _draw_picture(out)
         print(summary(report), flush=True)
     return 0
+
+
+def _after_training(cfg: TrainingConfig, trainer, metrics, out: Path, has_eval: bool) -> Path | None:
+    """The last evaluation (unless the last step had one), the checkpoint the launcher consolidates, and the
+    final model; returns where the final model went."""
+    from tune_launch.training.trainer import final_save
+
+    if has_eval and (not metrics.eval_losses or metrics.eval_losses[-1][0] != trainer.state.global_step):
+        trainer.evaluate()
+    if cfg.consolidate.enabled and cfg.consolidate.checkpoint == "last":  # best: that checkpoint exists already
+        _checkpoint_last_step(trainer, out)
+    return final_save(trainer, cfg) if cfg.checkpoint.save_final_model else None
 
 
 def _step_of(checkpoint: Path | None) -> int:
