@@ -150,3 +150,38 @@ def test_the_trainer_hooks_report_steps_saves_evaluations_and_the_final_consolid
     t.save_model()
     assert seen == [("checkpoint", "save", "checkpoint-4"), ("save_model", "save", "checkpoint-4"), ("eval", "eval", 1),
                     ("save_model", "consolidate", "final model")]
+
+
+def test_busy_work_counts_as_progress_and_idle_waiting_does_not(tmp_path, monkeypatch):
+    """A preparation step inside a library that reports nothing (TRL's SFT preparation, a download): CPU used by
+    the process is progress; a preparer that sits idle (stuck) shows none (real thread, real CPU accounting)."""
+    from tune_launch.training.prepare_progress import BusyProgress
+
+    monkeypatch.setattr(heartbeat, "_writer", None)
+    path = heartbeat.rank_file(tmp_path, 0)
+    writer = heartbeat.start(path, {"rank": 0}, interval_s=0.02)
+    try:
+        writer.update(phase="data", done=5, total=10, detail="preparing")
+        with BusyProgress(every_s=0.1, min_cpu_share=0.3) as busy:
+            deadline = time.process_time() + 0.6
+            while time.process_time() < deadline:  # busy: about 0.6 s of CPU
+                sum(i * i for i in range(1000))
+            worked = busy.reports
+            time.sleep(0.6)  # idle: nothing counts
+            idle = busy.reports - worked
+        assert worked >= 3 and idle <= 1, (worked, idle)
+        writer.flush()
+        b = heartbeat.read(path)
+        assert (b.phase, b.done, b.total, b.detail) == ("data", 5, 10, "preparing")  # the phase's figures kept
+        assert b.progress >= 1 + worked
+    finally:
+        writer.close(phase="done")
+
+
+def test_busy_progress_does_nothing_without_a_heartbeat(monkeypatch):
+    from tune_launch.training.prepare_progress import BusyProgress
+
+    monkeypatch.setattr(heartbeat, "_writer", None)
+    with BusyProgress(every_s=0.01) as busy:
+        time.sleep(0.05)
+    assert busy.reports == 0 and not busy._thread.is_alive()

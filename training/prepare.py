@@ -200,12 +200,14 @@ def _streamed_prefix(src: DataSource, budget: int) -> list[str]:
 def prepare_data(cfg: TrainingConfig, env: Mapping[str, str] | None = None, sft_args=None,
                  bar: bool | None = None) -> PreparedData:
     """The cache entry for this YAML's data: reused when complete and intact, else built and published."""
+    from tune_launch.training.prepare_progress import BusyProgress
     from tune_launch.training.sources import load_hub
 
     env = os.environ if env is None else env
     t0 = time.perf_counter()
     root = C.cache_root(cfg.data.cache_dir, env)
-    hubs = {id(s): load_hub(s) for s in _hub_sources_to_load(cfg)}
+    with BusyProgress():  # a hub dataset's download reports nothing of its own
+        hubs = {id(s): load_hub(s) for s in _hub_sources_to_load(cfg)}
     sources = source_identities(cfg, hubs)
     trained_key = trained_tokenizer_key(cfg, sources) if cfg.tokenizer and cfg.tokenizer.train_vocab_size else None
     tokenizer = None
@@ -265,43 +267,52 @@ def _sft_args(cfg: TrainingConfig, sft_args):
 
 
 def _build(cfg, root, key, entry, hubs, tokenizer, trained_key, sft_args, bar):
-    from tune_launch.training.prepare_progress import Progress
+    from tune_launch.training.prepare_progress import BusyProgress
 
     build = C.new_build_dir(root, f"{cfg.task}-{key}")
     try:
-        tok_dir = None
-        if cfg.task == "sft":
-            from tune_launch.training.prepare_sft import sample_sft_texts, sft_rows, write_sft
-
-            train, ev = sft_rows(cfg, build, hubs)
-            if trained_key:
-                budget = cfg.tokenizer.train_sample_bytes
-                tok_dir = _trained_tokenizer(cfg, root, trained_key, lambda: sample_sft_texts(train, budget))
-                tokenizer = _load_trained(cfg, tok_dir)
-            t0 = time.perf_counter()
-            info = write_sft(train, ev, tokenizer, _sft_args(cfg, sft_args), build)
-            info["seconds"] = time.perf_counter() - t0
-            files: dict[str, Any] = {}
-        else:
-            from tune_launch.training.prepare_text import text_parts, write_pretrain
-
-            if trained_key:
-                tok_dir = _trained_tokenizer(cfg, root, trained_key, _pretrain_sample(cfg, hubs))
-                tokenizer = _load_trained(cfg, tok_dir)
-            progress = Progress(_local_bytes(cfg), bar=bar)
-            try:
-                parts = [p for p in text_parts(cfg, hubs) if p.split == "eval" or not cfg.data.streaming]
-                files, info = write_pretrain(cfg, tokenizer, parts, build, progress,
-                                             _tokenizer_dir_for_workers(cfg, tokenizer, tok_dir, build))
-            finally:
-                progress.close()
-                shutil.rmtree(build / WORKER_TOKENIZER, ignore_errors=True)
-        info["tokenizer_dir"] = str(tok_dir) if tok_dir else None
+        with BusyProgress():  # the steps below that report no counts of their own still show they work
+            info, tok_dir, files = _build_into(cfg, root, key, build, hubs, tokenizer, trained_key, sft_args, bar)
         C.publish(build, entry, key, files, info)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return info, tok_dir
+
+
+def _build_into(cfg, root, key, build, hubs, tokenizer, trained_key, sft_args, bar):
+    """Tokenizer training (when asked), then the task's preparation into `build`: (info, tokenizer folder, files)."""
+    from tune_launch.training.prepare_progress import Progress
+
+    tok_dir = None
+    if cfg.task == "sft":
+        from tune_launch.training.prepare_sft import sample_sft_texts, sft_rows, write_sft
+
+        train, ev = sft_rows(cfg, build, hubs)
+        if trained_key:
+            budget = cfg.tokenizer.train_sample_bytes
+            tok_dir = _trained_tokenizer(cfg, root, trained_key, lambda: sample_sft_texts(train, budget))
+            tokenizer = _load_trained(cfg, tok_dir)
+        t0 = time.perf_counter()
+        info = write_sft(train, ev, tokenizer, _sft_args(cfg, sft_args), build)
+        info["seconds"] = time.perf_counter() - t0
+        files: dict[str, Any] = {}
+    else:
+        from tune_launch.training.prepare_text import text_parts, write_pretrain
+
+        if trained_key:
+            tok_dir = _trained_tokenizer(cfg, root, trained_key, _pretrain_sample(cfg, hubs))
+            tokenizer = _load_trained(cfg, tok_dir)
+        progress = Progress(_local_bytes(cfg), bar=bar)
+        try:
+            parts = [p for p in text_parts(cfg, hubs) if p.split == "eval" or not cfg.data.streaming]
+            files, info = write_pretrain(cfg, tokenizer, parts, build, progress,
+                                         _tokenizer_dir_for_workers(cfg, tokenizer, tok_dir, build))
+        finally:
+            progress.close()
+            shutil.rmtree(build / WORKER_TOKENIZER, ignore_errors=True)
+    info["tokenizer_dir"] = str(tok_dir) if tok_dir else None
+    return info, tok_dir, files
 
 
 def _load_trained(cfg: TrainingConfig, tok_dir: Path):

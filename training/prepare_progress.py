@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -58,3 +59,51 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class BusyProgress:
+    """Counts the CPU time of this process and its children as progress while a step that reports nothing runs
+    (TRL's SFT preparation, a hub download, tokenizer training): the launcher's stall detection then leaves a long
+    but working preparation alone, and still finds a preparer that is stuck (no CPU used for `watchdog.data_s`)."""
+
+    def __init__(self, every_s: float = 30.0, min_cpu_share: float = 0.02) -> None:
+        self.every_s, self.min_cpu_s = every_s, min_cpu_share * every_s
+        self.reports = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tune-launch-busy", daemon=True)
+
+    def __enter__(self) -> BusyProgress:
+        if heartbeat.current() is not None:  # `tune-launch prepare` alone has no launcher to tell
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        last = cpu_seconds(me)
+        while not self._stop.wait(self.every_s):
+            now = cpu_seconds(me)
+            if now - last >= self.min_cpu_s:
+                heartbeat.report_busy()
+                self.reports += 1
+            last = now
+
+
+def cpu_seconds(proc) -> float:
+    """User + system seconds of `proc` and its living children (spawned tokenizer or `datasets.map` workers)."""
+    import psutil
+
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total

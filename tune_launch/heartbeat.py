@@ -274,6 +274,13 @@ def report_progress(phase: str, done: int, total: int | None = None, detail: str
         _writer.update(**values)
 
 
+def report_busy() -> None:
+    """Progress without a counter: work inside a library call that reports nothing (see
+    `training/prepare_progress.BusyProgress`); the phase's figures are left as they are."""
+    if _writer is not None:
+        _writer.update()
+
+
 def report_step(step: int, max_steps: int, **values: Any) -> None:
     """An optimizer step finished (values: loss, tokens_per_s, step_s, steps_timed)."""
     if _writer is not None:
