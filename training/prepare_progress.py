@@ -74,6 +74,10 @@ class BusyProgress:
 
     def __enter__(self) -> BusyProgress:
         if heartbeat.current() is not None:  # `tune-launch prepare` alone has no launcher to tell
+            import psutil
+
+            self._me = psutil.Process()
+            self._last = cpu_seconds(self._me)  # the baseline is now, not when the thread first runs
             self._thread.start()
         return self
 
@@ -83,16 +87,12 @@ class BusyProgress:
             self._thread.join()
 
     def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        last = cpu_seconds(me)
         while not self._stop.wait(self.every_s):
-            now = cpu_seconds(me)
-            if now - last >= self.min_cpu_s:
+            now = cpu_seconds(self._me)
+            if now - self._last >= self.min_cpu_s:
                 heartbeat.report_busy()
                 self.reports += 1
-            last = now
+            self._last = now
 
 
 def cpu_seconds(proc) -> float:
