@@ -18,6 +18,7 @@ from typing import Any, Literal
 from tune_launch.batching import alternatives
 from tune_launch.errors import TuneLaunchError
 from tune_launch.filesystems import LOCAL_FS_TYPES, SHARED_FS_ENV, filesystem_type, nearest_existing  # noqa: F401 (re-exported)
+from tune_launch.launch.build_locks import stale_build_locks, stale_lock_finding
 from tune_launch.launch.hardware import Hardware
 from tune_launch.launch.model_facts import ModelFacts
 from tune_launch.launch.plan import LaunchPlan
@@ -66,6 +67,7 @@ class Probes:
     trainable_params: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     nodes_share_machine: bool | None = None  # node 0's address is a loopback address: every "node" is this machine
+    stale_build_locks: tuple[str, ...] | None = None  # launch/build_locks.py
 
 
 # --------------------------------------------------------------------------- helpers (pure)
@@ -194,6 +196,11 @@ def check_global_batch(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, prob
                    "use " + ", or ".join(alternatives(target, mb, world)))
 
 
+def check_build_locks(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
+    found = stale_lock_finding(probes.stale_build_locks, plan.profile.strategy == "deepspeed")
+    return Finding("build-lock", "error", *found) if found else None
+
+
 def check_port(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes: Probes) -> Finding | None:
     if plan.world_size < 2 or plan.main_process_port in (None, 0) or plan.node_rank != 0 or not probes.port_in_use:
         return None
@@ -264,7 +271,7 @@ def check_data_prep(cfg: TrainingConfig, plan: LaunchPlan, hw: Hardware, probes:
 
 CHECKS: tuple[Callable[[TrainingConfig, LaunchPlan, Hardware, Probes], Finding | None], ...] = (
     check_qlora_fsdp, check_qlora_zero3, check_checkpointing, check_global_batch, check_port,
-    check_output_dir, check_disk, check_data_prep, check_int8_sharding, check_hub,
+    check_output_dir, check_disk, check_data_prep, check_int8_sharding, check_hub, check_build_locks,
 )
 
 
@@ -330,24 +337,13 @@ def data_prepared(cfg: TrainingConfig, env: Mapping[str, str]) -> bool | None:
     return indexed_entry(cache_root(cfg.data.cache_dir, env), key) is not None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path | None) -> dict[str, Any]:
+    """A shipped accelerate YAML or DeepSpeed JSON (JSON is YAML too); {} when missing or not a mapping."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text()) if path is not None else None
     except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_json(path: Path | None) -> dict[str, Any]:
-    import json
-
-    if path is None:
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -364,12 +360,13 @@ def gather_probes(cfg: TrainingConfig, plan: LaunchPlan, env: Mapping[str, str],
         output_fs_type=filesystem_type(out),
         data_bytes=local_data_bytes(cfg),
         data_prepared=data_prepared(cfg, env),
-        accelerate_config=_read_yaml(plan.profile.accelerate_config_path),
-        deepspeed_config=_read_json(plan.profile.deepspeed_config_path),
+        accelerate_config=_read_mapping(plan.profile.accelerate_config_path),
+        deepspeed_config=_read_mapping(plan.profile.deepspeed_config_path),
         num_params=facts.num_params if facts is not None else None,
         trainable_params=(facts.lora_params or None) if facts is not None else None,
         env=dict(env),
         nodes_share_machine=resolves_to_loopback(plan.main_process_ip) if plan.nodes > 1 else None,
+        stale_build_locks=stale_build_locks(env) if plan.profile.strategy == "deepspeed" else None,
     )
 
 

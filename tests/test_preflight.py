@@ -318,3 +318,46 @@ def test_preflight_reads_the_yaml_fields_end_to_end(tmp_path, capsys):
     assert dispatch(argv + ["train.global_batch_size=9"], {}) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "preflight global-batch" in err[0] and "train.global_batch_size 9" in err[0]
+
+
+def test_a_killed_deepspeed_build_lock_is_found_in_both_folder_layouts(tmp_path):
+    import os
+
+    from tune_launch.launch.build_locks import STALE_AFTER_S, stale_build_locks
+
+    def lock(path: Path, age_s: float) -> Path:
+        path.parent.mkdir(parents=True)
+        path.touch()
+        t = path.stat().st_mtime - age_s
+        os.utime(path, (t, t))
+        return path
+
+    old = lock(tmp_path / "ext" / "deepspeed_shm_comm" / "lock", STALE_AFTER_S + 60)
+    lock(tmp_path / "ext" / "cpu_adam" / "lock", 30)  # a build running now
+    assert stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}) == (str(old),)
+    home_old = lock(tmp_path / "home" / ".cache" / "torch_extensions" / "py311_cpu" / "fused_adam" / "lock", STALE_AFTER_S + 1)
+    assert stale_build_locks({"HOME": str(tmp_path / "home")}) == (str(home_old),)
+    assert stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path / "none")}) == ()
+
+
+def test_a_stale_build_lock_stops_a_deepspeed_launch_in_one_line(tmp_path, capsys):
+    """Through the real CLI: a DeepSpeed profile refuses (exit 2, the file named); DDP never builds ops, so runs."""
+    import os
+
+    from tune_launch.launch.build_locks import STALE_AFTER_S
+    from tune_launch.launch.cli import dispatch
+
+    stale = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    t = stale.stat().st_mtime - STALE_AFTER_S - 60
+    os.utime(stale, (t, t))
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("model: {config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"
+                   " num_attention_heads: 2}}\ntokenizer: {train_vocab_size: 300}\ndata: {generate: {kind: pretrain}}\n"
+                   f"output_dir: {tmp_path / 'out'}\n")
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    assert dispatch(["--dry-run", "--cpu", "--num-processes", "2", "--profile", "zero2", str(cfg)], env) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and "preflight build-lock" in err[0] and str(stale) in err[0] and f"rm {stale}" in err[0], err
+    assert dispatch(["--dry-run", "--cpu", "--num-processes", "2", "--profile", "ddp", str(cfg)], env) == 0
