@@ -36,6 +36,10 @@ WAITING_FILES = ("torch/distributed/", "deepspeed/comm/", "torch/autograd/graph.
 WRAPPER_FILES = ("torch/distributed/c10d_logger.py", "torch/nn/modules/module.py", "torch/utils/_contextlib.py")
 WAITING_FUNCS = re.compile(r"^(all_reduce|all_gather\w*|reduce_scatter\w*|broadcast\w*|barrier|monitored_barrier|"
                            r"wait|synchronize|_engine_run_backward|recv|send|all_to_all\w*)$")
+# DDP's own collectives before a forward (buffer and parameter broadcasts); py-spy names them Class.method
+DDP_FILE = "torch/nn/parallel/distributed.py"
+DDP_WAITING_FUNCS = frozenset({"_distributed_broadcast_coalesced", "_default_broadcast_coalesced", "_sync_buffers",
+                               "_sync_module_buffers", "_sync_params_and_buffers"})
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,8 @@ class RankStack:
         """In a collective (or backward on its hooks); None when the stack is unknown."""
         if not self.main:
             return None
-        return any(any(w in f.file for w in WAITING_FILES) or WAITING_FUNCS.match(f.func) for f in self.main[:8])
+        return any(any(w in f.file for w in WAITING_FILES) or WAITING_FUNCS.match(f.func)
+                   or (DDP_FILE in f.file and f.func.rsplit(".", 1)[-1] in DDP_WAITING_FUNCS) for f in self.main[:8])
 
     def where(self, depth: int = 2) -> str:
         """'waits in all_reduce (torch/distributed/distributed_c10d.py:2950) <- ...': the innermost frames."""

@@ -163,6 +163,21 @@ def test_py_spy_json_parses_and_wins_for_the_report():
     assert s.stopped and s.waiting and s.where() == "process stopped (SIGSTOP), at barrier (torch/distributed/distributed_c10d.py:5356)"
 
 
+@pytest.mark.parametrize("name", ["DistributedDataParallel._distributed_broadcast_coalesced", "_sync_module_buffers"])
+def test_ddp_buffer_broadcast_before_a_forward_is_waiting_for_the_peers(name):
+    """Seen on the dev cluster: with node 1 frozen, node 0's rank sat in DDP's buffer broadcast (py-spy names it
+    Class.method, faulthandler only the method); it waits on its peers, it is not the culprit."""
+    ddp = "/v/lib/python3.11/site-packages/torch/nn/parallel/distributed.py"
+    dump = json.dumps([{"thread_id": 7, "thread_name": "MainThread", "frames": [
+        {"name": name, "filename": ddp, "line": 2363},
+        {"name": "DistributedDataParallel.forward", "filename": ddp, "line": 1886}]}])
+    s = summarize(StackTarget(0, 42, main_thread=7), "sleeping", "", dump)
+    assert s.waiting and s.where().startswith(f"waits in {name} (torch/nn/parallel/distributed.py:2363)")
+    busy = json.dumps([{"thread_id": 7, "thread_name": "MainThread", "frames": [
+        {"name": "DistributedDataParallel.forward", "filename": ddp, "line": 1886}]}])
+    assert summarize(StackTarget(0, 42, main_thread=7), "running", "", busy).waiting is False
+
+
 def test_frames_are_shown_as_readers_know_the_files():
     assert short_path("/v/lib/python3.11/site-packages/torch/autograd/graph.py") == "torch/autograd/graph.py"
     assert short_path("/usr/lib/python3.11/threading.py") == "threading.py"
