@@ -131,7 +131,8 @@ def _make_plan(args: argparse.Namespace, env: Mapping[str, str], planning: bool,
     from tune_launch.launch.model_facts import check_model_config, model_facts
     from tune_launch.training.reshard import resume_facts
 
-    check_model_config(cfg.model)  # every launch, also on CPU: a bad model config stops here, in one line (cached)
+    if not planning:  # every launch, also on CPU: a bad model config stops here, in one line (cached). A plan
+        check_model_config(cfg.model)  # counts with the formula or the meta build, which refuse bad sizes themselves
     facts = model_facts(cfg.model) if needs_facts else None
     plan = make_plan(request, cfg, hw, facts, resume_facts(cfg))  # the checkpoint the ranks will continue, if any
     check_device(cfg, plan.device, str(request.config_path))
