@@ -176,19 +176,27 @@ def bench_model(work: Path, layers: int, reuse: bool) -> dict:
     return facts
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("/tmp/tune-launch-bench-consolidate"))
+def model_bench_arguments(doc: str, work: str, per: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of the benchmarks that train the 307M model first (this one and bench/reshard.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path(work))
     p.add_argument("--layers", type=int, default=26)
-    p.add_argument("--repeats", type=int, default=3, help="runs per tool (the median is reported)")
+    p.add_argument("--repeats", type=int, default=3, help=f"runs per {per} (the median is reported)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--reuse", action="store_true", help="reuse the model and checkpoints a --keep run left in --work")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def machine(work: Path) -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "filesystem": _filesystem(work)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = model_bench_arguments(__doc__, "/tmp/tune-launch-bench-consolidate", "tool", argv)
     work = args.work
     facts = bench_model(work, args.layers, args.reuse)
-    results: dict = {**C.header("cpu"), "model": facts, "repeats": args.repeats,
-                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "filesystem": _filesystem(work)}, "checkpoints": {}}
+    results: dict = {**C.header("cpu"), "model": facts, "repeats": args.repeats, "machine": machine(work),
+                     "checkpoints": {}}
     for profile in ("zero3", "fsdp"):
         out = work / f"run-{profile}"
         ckpt = out / "checkpoint-1"

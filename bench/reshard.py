@@ -19,9 +19,7 @@ reusing the cached universal checkpoint. Writes bench/results/reshard.json and p
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -33,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 from bench import common as C  # noqa: E402  (run as `python -m bench.reshard` from the repository root)
-from bench.consolidate import _filesystem, _settle, _warm, bench_model, raw_copy  # noqa: E402
+from bench.consolidate import _settle, _warm, bench_model, machine, model_bench_arguments, raw_copy  # noqa: E402
 
 
 def train_yaml(model_dir: Path, out: Path, steps: int) -> Path:
@@ -154,17 +152,11 @@ def bench_resume(profile: str, model: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("/tmp/tune-launch-bench-reshard"))
-    p.add_argument("--layers", type=int, default=26)
-    p.add_argument("--repeats", type=int, default=3, help="runs per converter (the median is reported)")
-    p.add_argument("--keep", action="store_true", help="keep the work folder")
-    p.add_argument("--reuse", action="store_true", help="reuse the model and checkpoints a --keep run left in --work")
-    args = p.parse_args(argv)
+    args = model_bench_arguments(__doc__, "/tmp/tune-launch-bench-reshard", "converter", argv)
     work = args.work
     facts = bench_model(work, args.layers, args.reuse)
     results: dict = {**C.header("cpu"), "model": facts, "repeats": args.repeats, "load_average_start": os.getloadavg(),
-                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "filesystem": _filesystem(work)},
+                     "machine": machine(work),
                      "checkpoints": {}}
     for profile in ("zero2", "zero3"):
         out = work / f"run-{profile}"
